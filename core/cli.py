@@ -1,0 +1,157 @@
+"""The ``evalhost`` command line. Heavy modules are imported inside commands so ``--help`` stays fast."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import click
+
+from . import __version__
+from .errors import RunError, UserError
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="evalhost")
+def cli() -> None:
+    """Batch-composition studies: does an output (and its label) change solo vs batched?"""
+
+
+@cli.command()
+@click.argument("study", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--dry-run", is_flag=True, help="Print the expanded plan (cells, generations) and exit.")
+@click.option("--resume", "resume", type=click.Path(file_okay=False, path_type=Path),
+              help="Finish an interrupted run in RUN_DIR (no duplicates).")
+@click.option("--executor", default="local", show_default=True, help="local, ray, or a plugin's executor.")
+@click.option("--address", default=None, help="Ray cluster address (ray executor); default: start a local Ray.")
+@click.option("--target-mde", type=float, default=None,
+              help="With --dry-run: items per composition arm needed to detect this effect (percentage points).")
+@click.option("--no-report", is_flag=True, help="Do not write report.md at the end.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+def run(study, dry_run, resume, executor, address, target_mde, no_report, quiet):
+    """Run STUDY (a TOML file); records go to a new run directory."""
+    from .runner import run_file
+
+    opts = {"address": address} if address else {}
+    run_file(study, resume=resume, executor=executor, executor_options=opts, dry_run=dry_run,
+             progress=not quiet and sys.stderr.isatty(), report=not no_report, out=click.echo)
+    if target_mde is not None:
+        from .stats import items_needed
+
+        n = items_needed(target_mde)
+        click.echo(f"to detect a {target_mde:g} pp difference between two composition arms (80% power, alpha 0.05) "
+                   f"you need about {n} items per arm")
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True, help="JSON output.")
+def plugins(as_json):
+    """List registered backends, dispatchers, scorers, task sources and executors."""
+    from .registry import get_registry
+
+    reg = get_registry()
+    rows = [{"kind": e.kind, "name": e.name, "plugin": e.plugin, "distribution": e.distribution,
+             "version": e.version} for e in sorted(reg.entries.values(), key=lambda e: (e.kind, e.name))]
+    if as_json:
+        click.echo(json.dumps({"plugins": rows, "problems": reg.problems}, indent=2))
+        return
+    click.echo(f"{'kind':<12} {'name':<18} {'distribution':<24} {'version':<10} plugin")
+    for r in rows:
+        click.echo(f"{r['kind']:<12} {r['name']:<18} {r['distribution']:<24} {r['version']:<10} {r['plugin']}")
+    for p in reg.problems:
+        click.echo(f"problem: {p}")
+
+
+@cli.command()
+@click.argument("run_dir", type=click.Path(file_okay=False, path_type=Path))
+def report(run_dir):
+    """Write report.md, summary.json and plots for RUN_DIR."""
+    from .report import write_report
+
+    if not (run_dir / "records.jsonl").is_file():
+        raise UserError(f"{run_dir} has no records.jsonl; pass a run directory made by `evalhost run`")
+    click.echo(f"report: {write_report(run_dir)}")
+
+
+@cli.command()
+@click.argument("run_dir", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--json", "as_json", is_flag=True)
+def validate(run_dir, as_json):
+    """Check RUN_DIR's records: schema, duplicates, pairing, fingerprints (exit 1 on any error)."""
+    from .validate import validate_run
+
+    result = validate_run(run_dir)
+    if as_json:
+        click.echo(json.dumps(result, indent=2))
+    else:
+        click.echo(f"{result['records']} records ({result.get('solo', 0)} solo, {result.get('batch', 0)} batch) in "
+                   f"{result.get('cells', 0)} cells; run status: {result.get('status')}")
+        for e in result["errors"]:
+            click.echo(f"error: {e}")
+        click.echo("ok" if not result["errors"] else f"{len(result['errors'])} error(s)")
+    if result["errors"]:
+        sys.exit(1)
+
+
+@cli.command()
+@click.argument("run_dir", type=click.Path(file_okay=False, path_type=Path))
+@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), required=True)
+@click.option("--text-changes", is_flag=True, help="Also export text-change rows (marked kind=text_change).")
+def candidates(run_dir, output, text_changes):
+    """Export RUN_DIR's flip rows for a follow-up study (Study D reads them with source = "candidates:FILE")."""
+    from .analysis import export_candidates
+    from .records import read_records
+
+    rows = export_candidates(read_records(run_dir / "records.jsonl"))
+    if not text_changes:
+        rows = [r for r in rows if r.get("kind", "label_flip") == "label_flip"]
+    if output.exists():
+        raise UserError(f"{output} exists; choose another file name (candidate files are never overwritten)")
+    with output.open("w", encoding="utf-8") as fh:
+        for r in rows:
+            fh.write(json.dumps(r, sort_keys=True) + "\n")
+    click.echo(f"{len(rows)} candidate rows -> {output}")
+
+
+@cli.command()
+@click.argument("name", default="builtin:smollm2-135m-instruct")
+def model(name):
+    """Prepare a model path now (converts the shipped SmolLM2 once) and print where it is."""
+    from .models import resolve_model_path
+
+    click.echo(resolve_model_path(name))
+
+
+def _add_optional_commands() -> None:
+    try:
+        from .adjudicate import adjudicate
+    except ImportError:
+        return
+    cli.add_command(adjudicate)
+
+
+_add_optional_commands()
+
+
+def main(argv=None) -> None:
+    try:
+        cli.main(args=argv, prog_name="evalhost", standalone_mode=False)
+    except click.exceptions.Abort:
+        click.echo("aborted", err=True)
+        sys.exit(130)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(2 if isinstance(exc, click.UsageError) else exc.exit_code)
+    except UserError as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(exc.exit_code)
+    except RunError as exc:
+        click.echo(f"error: {exc}; records written so far are kept (resume with --resume RUN_DIR)", err=True)
+        sys.exit(exc.exit_code)
+    except KeyboardInterrupt:
+        click.echo("interrupted; records written so far are kept (resume with --resume RUN_DIR)", err=True)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

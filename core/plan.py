@@ -1,0 +1,238 @@
+"""From a validated :class:`~evalhost.study.Study` to a plan: cells and deterministic dispatch groups.
+
+A *cell* is model x backend configuration x task x dispatcher x batch size. Every (model, backend, task) also gets
+the **solo** cell (dispatcher ``solo``, batch size 1) that batched cells are paired against. Groups depend only on
+the study seed, the task and the batch size — never on the model or backend — so two backends run exactly the same
+groups (the pairing Study D needs).
+
+Items that carry an explicit group (``metadata["group"]``: the ordered item ids of the original dispatch group, as
+written by ``evalhost candidates``) are run in that group instead, under the dispatcher named in
+``metadata["dispatcher"]`` when the study lists it (any listed dispatcher otherwise).
+"""
+from __future__ import annotations
+
+import random
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import UserError
+from .registry import Registry
+from .study import BackendConfig, DispatcherConfig, Study, TaskSpec
+from .types import DOMAINS, ModelSpec, TaskItem
+
+SOLO = DispatcherConfig("solo", "solo", (1,), {})
+
+
+@dataclass
+class Job:
+    """One dispatch group to run: the unit of work an executor hands to a dispatcher."""
+
+    cell: str
+    model: ModelSpec
+    backend: BackendConfig
+    task: TaskSpec
+    dispatcher: DispatcherConfig
+    batch_size: int
+    condition: str  # solo | batch
+    repeat: int
+    group_id: str
+    members: list[tuple[TaskItem, str]]  # (item, role) role: target | filler
+
+    def keys(self) -> list[str]:
+        return [record_key(self.cell, item.id, self.repeat) for item, role in self.members if role == "target"]
+
+
+@dataclass
+class BackendWork:
+    """All jobs of one (model, backend configuration): one backend instance (one server) serves them."""
+
+    model: ModelSpec
+    backend: BackendConfig
+    jobs: list[Job] = field(default_factory=list)
+
+    @property
+    def label(self) -> str:
+        return f"{self.model.name}/{self.backend.label}"
+
+
+@dataclass
+class Plan:
+    study: Study
+    works: list[BackendWork]
+    tasks: dict[str, list[TaskItem]]
+
+    @property
+    def jobs(self) -> list[Job]:
+        return [j for w in self.works for j in w.jobs]
+
+    def n_generations(self) -> int:
+        return sum(len(j.keys()) for j in self.jobs)
+
+    def cells(self) -> Counter:
+        return Counter(j.cell for j in self.jobs for _ in j.keys())
+
+
+def record_key(cell: str, item_id: str, repeat: int) -> str:
+    return f"{cell}#{item_id}#r{repeat}"
+
+
+def cell_id(model: str, backend: str, task: str, dispatcher: str, batch_size: int) -> str:
+    return f"{model}/{backend}/{task}/{dispatcher}/bs{batch_size}"
+
+
+# ---------------------------------------------------------------------------------------------------- tasks
+def split_source(source: str, registry: Registry) -> tuple[str, str]:
+    scheme, sep, location = source.partition(":")
+    if sep and scheme in registry.names("task_source"):
+        return scheme, location
+    lowered = source.lower()
+    if lowered.endswith(".jsonl"):
+        return "jsonl", source
+    if lowered.endswith(".csv"):
+        return "csv", source
+    if sep:
+        registry.get("task_source", scheme)  # unknown scheme -> did you mean
+    raise UserError(f"task source '{source}' names no scheme; write e.g. 'builtin:benign', 'jsonl:path', 'hf:owner/name'")
+
+
+def load_task(spec: TaskSpec, registry: Registry, base_dir: Path | None = None) -> list[TaskItem]:
+    scheme, location = split_source(spec.source, registry)
+    if scheme in ("jsonl", "csv", "candidates", "hf-disk") and base_dir is not None:
+        p = Path(location).expanduser()
+        if not p.is_absolute() and not p.exists() and (base_dir / p).exists():
+            location = str(base_dir / p)  # relative to the study file
+    source = registry.get("task_source", scheme)()
+    options = {"task": spec.name, **spec.options}
+    if spec.domain:
+        options["domain"] = spec.domain
+    if spec.scorer:
+        options["scorer"] = spec.scorer
+    items = source.load(location, options)
+    if not items:
+        raise UserError(f"task '{spec.name}' ({spec.source}) has no items; check the file or the split")
+    ids = Counter(i.id for i in items)
+    dup = [k for k, n in ids.items() if n > 1]
+    if dup:
+        raise UserError(f"task '{spec.name}' has duplicate item id '{dup[0]}'; item ids must be unique within a task")
+    for item in items:
+        if item.domain not in DOMAINS:
+            raise UserError(f"task '{spec.name}' item '{item.id}' has domain '{item.domain}'; "
+                            f"use one of {', '.join(DOMAINS)} (or set domain in the study's [[tasks]])")
+    if spec.limit:
+        items = items[: spec.limit]
+    return items
+
+
+def make_groups(items: list[TaskItem], batch_size: int, seed: int, task: str) -> list[list[tuple[TaskItem, str]]]:
+    """Deterministic groups of ``batch_size``: shuffle by seed, chunk; a short last chunk is padded with fillers."""
+    order = list(items)
+    random.Random(f"{seed}|{task}|{batch_size}").shuffle(order)
+    groups = []
+    for start in range(0, len(order), batch_size):
+        chunk = [(it, "target") for it in order[start:start + batch_size]]
+        k = 0
+        while len(chunk) < batch_size:
+            chunk.append((order[k % len(order)], "filler"))
+            k += 1
+        groups.append(chunk)
+    return groups
+
+
+# ---------------------------------------------------------------------------------------------------- plan
+def _check_plugins(study: Study, registry: Registry) -> None:
+    for b in study.backends:
+        cls = registry.get("backend", b.plugin)
+        cls.check_options(b.options)
+    for d in study.dispatchers:
+        cls = registry.get("dispatcher", d.plugin)
+        cls.check_options(d.options)
+        for b in study.backends:
+            need = set(cls.requires) - set(registry.get("backend", b.plugin).capabilities)
+            if need:
+                raise UserError(
+                    f"dispatcher '{d.label}' needs {', '.join(sorted(need))}, which backend '{b.label}' "
+                    f"({b.plugin}) cannot do; use a serving backend (vllm, openai) or drop this dispatcher")
+
+
+def _scorer_for(task: TaskSpec, items: list[TaskItem], registry: Registry) -> None:
+    names = {task.scorer} if task.scorer else {i.scorer for i in items}
+    if None in names:
+        raise UserError(f"task '{task.name}' has items without a scorer; set scorer = \"...\" in its [[tasks]] entry")
+    for n in names:
+        registry.get("scorer", n)
+
+
+def build_plan(study: Study, registry: Registry) -> Plan:
+    _check_plugins(study, registry)
+    base = study.path.parent if study.path else None
+    tasks = {t.name: load_task(t, registry, base) for t in study.tasks}
+    for t in study.tasks:
+        _scorer_for(t, tasks[t.name], registry)
+    works = []
+    for model in study.models:
+        for backend in study.backends:
+            work = BackendWork(model, backend)
+            for task in study.tasks:
+                items = tasks[task.name]
+                cell = cell_id(model.name, backend.label, task.name, "solo", 1)
+                for r in range(study.solo_repeats):
+                    for it in items:
+                        work.jobs.append(Job(cell, model, backend, task, SOLO, 1, "solo", r,
+                                             f"{task.name}:solo:{it.id}", [(it, "target")]))
+                by_id = {it.id: it for it in items}
+                explicit = [it for it in items if it.metadata.get("group")]
+                for disp in study.dispatchers:
+                    for r in range(study.repeats):
+                        if explicit:
+                            work.jobs += _explicit_jobs(explicit, by_id, model, backend, task, disp, r, study)
+                            continue
+                        for bs in disp.batch_sizes:
+                            cell = cell_id(model.name, backend.label, task.name, disp.label, bs)
+                            for g, members in enumerate(make_groups(items, bs, study.seed, task.name)):
+                                work.jobs.append(Job(cell, model, backend, task, disp, bs, "batch", r,
+                                                     f"{task.name}:bs{bs}:g{g:04d}", members))
+            works.append(work)
+    return Plan(study, works, tasks)
+
+
+def _explicit_jobs(explicit, by_id, model, backend, task, disp, repeat, study) -> list[Job]:
+    jobs = []
+    listed = {d.plugin for d in study.dispatchers} | {d.label for d in study.dispatchers}
+    for it in explicit:
+        wanted = it.metadata.get("dispatcher")
+        if wanted and wanted in listed and wanted not in (disp.plugin, disp.label):
+            continue
+        ids = list(it.metadata["group"])
+        missing = [i for i in ids if i not in by_id]
+        if missing:
+            raise UserError(f"candidate '{it.id}' of task '{task.name}' names peer '{missing[0]}', which the task "
+                            f"does not have; regenerate the candidates file from the same task files")
+        members = [(by_id[i], "target" if i == it.id else "filler") for i in ids]
+        bs = len(members)
+        cell = cell_id(model.name, backend.label, task.name, disp.label, bs)
+        jobs.append(Job(cell, model, backend, task, disp, bs, "batch", repeat,
+                        it.metadata.get("group_id", f"{task.name}:cand:{it.id}"), members))
+    return jobs
+
+
+def describe(plan: Plan) -> str:
+    """The expanded plan as text (``evalhost run --dry-run``)."""
+    s = plan.study
+    lines = [f"study '{s.name}' (seed {s.seed}): {len(plan.works)} backend instance(s), "
+             f"{len(plan.cells())} cells, {plan.n_generations()} generations",
+             f"sampling: temperature={s.sampling.temperature} top_p={s.sampling.top_p} "
+             f"max_tokens={s.sampling.max_tokens} seed={s.sampling.seed}"]
+    for name, items in plan.tasks.items():
+        dom = Counter(i.domain for i in items)
+        lines.append(f"task {name}: {len(items)} items ({', '.join(f'{k} {v}' for k, v in sorted(dom.items()))})")
+    lines.append(f"{'cell':<70} {'groups':>7} {'generations':>12}")
+    groups = Counter(j.cell for j in plan.jobs)
+    for cell, n in plan.cells().items():
+        lines.append(f"{cell:<70} {groups[cell]:>7} {n:>12}")
+    return "\n".join(lines)
+
+
+def summary_counts(plan: Plan) -> dict[str, Any]:
+    return {"cells": len(plan.cells()), "generations": plan.n_generations(), "backends": len(plan.works)}

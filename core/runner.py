@@ -1,0 +1,309 @@
+"""The run loop: plan -> executor -> records + manifest (the driver is the only writer of a run directory).
+
+:func:`execute_work` runs in a worker (this process for ``local``; a Ray actor for ``ray``): it owns one backend
+instance and yields events. :func:`run_study` is the driver: it turns events into records, scores them, appends them,
+and keeps ``manifest.json`` current. Resume: records already in ``records.jsonl`` are skipped by key.
+"""
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+import os
+import platform
+import signal
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+from . import __version__
+from .errors import RunError, UserError
+from .models import cache_dir
+from .plan import BackendWork, Job, Plan, build_plan, describe, record_key
+from .registry import Registry, get_registry, require_clean
+from .records import RECORDS, RecordWriter, read_records, write_json_atomic
+from .study import Study, load_study
+from .types import Generation, Group, GroupResult, Member, RunContext, Sampling, sha256_text
+
+MANIFEST = "manifest.json"
+SCHEMA_VERSION = 1
+
+
+# ------------------------------------------------------------------------------------------------ events
+@dataclass
+class BackendStarted:
+    label: str
+    fingerprint: dict[str, Any]
+    evidence: dict[str, Any]
+
+
+@dataclass
+class GroupDone:
+    job: Job
+    prompts: list[str]
+    result: GroupResult
+
+
+def fingerprint_id(fp: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(fp, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def host_fingerprint() -> dict[str, Any]:
+    """Facts of the driver's machine (the backend adds its own stack: versions, device, server args)."""
+    return {"python": platform.python_version(), "platform": platform.platform(), "evalhost": __version__}
+
+
+# ------------------------------------------------------------------------------------------------ worker side
+def execute_work(work: BackendWork, sampling: Sampling, context: RunContext, skip: set[str],
+                 registry: Registry | None = None) -> Iterator[BackendStarted | GroupDone]:
+    """Start the work's backend, run every job that still has unrecorded targets, yield events; always close."""
+    registry = registry or get_registry()
+    todo = [j for j in work.jobs if not all(k in skip for k in j.keys())]
+    if not todo:
+        return
+    backend = registry.get("backend", work.backend.plugin)(work.model, work.backend.options, context)
+    dispatchers: dict[str, Any] = {}
+    try:
+        backend.preflight()
+        backend.start()
+        fp = {"backend_plugin": work.backend.plugin, "backend_config": work.backend.options,
+              "model": asdict(work.model), **backend.fingerprint()}
+        yield BackendStarted(work.label, fp, backend.evidence())
+        rendered: dict[tuple[str, str], str] = {}
+        for job in todo:
+            d = job.dispatcher
+            if d.label not in dispatchers:
+                dispatchers[d.label] = registry.get("dispatcher", d.plugin)(d.options, context)
+            members = []
+            for item, role in job.members:
+                key = (item.task, item.id)
+                if key not in rendered:
+                    rendered[key] = backend.render(item)
+                members.append(Member(item, rendered[key], role))
+            group = Group(job.group_id, tuple(members))
+            result = dispatchers[d.label].run_group(backend, group, sampling)
+            if len(result.generations) != len(members):
+                raise RunError(f"dispatcher '{d.label}' returned {len(result.generations)} generations for a group "
+                               f"of {len(members)}; this is a bug in the dispatcher plugin")
+            yield GroupDone(job, group.prompts, result)
+    finally:
+        backend.close()
+
+
+# ------------------------------------------------------------------------------------------------ driver side
+class _Scorers:
+    def __init__(self, registry: Registry) -> None:
+        self.registry, self.cache = registry, {}
+
+    def score(self, job: Job, item, text: str):
+        name = job.task.scorer or item.scorer
+        key = (name, json.dumps(job.task.scorer_options, sort_keys=True))
+        if key not in self.cache:
+            self.cache[key] = self.registry.get("scorer", name)(job.task.scorer_options)
+        return name, self.cache[key].score(item, text)
+
+
+def build_records(study: Study, run_id: str, done: GroupDone, fid: str, scorers: _Scorers) -> list[dict[str, Any]]:
+    job, result = done.job, done.result
+    ids = [item.id for item, _ in job.members]
+    out = []
+    for pos, ((item, role), prompt, gen) in enumerate(zip(job.members, done.prompts, result.generations)):
+        if role != "target":
+            continue
+        scorer, score = scorers.score(job, item, gen.text)
+        t = dict(gen.timings)
+        if "sent" in t and "finished" in t:
+            t["latency_s"] = round(t["finished"] - t["sent"], 6)
+        out.append({
+            "schema": SCHEMA_VERSION,
+            "key": record_key(job.cell, item.id, job.repeat),
+            "study": study.name, "phase": study.phase, "run_id": run_id, "cell": job.cell,
+            "model": job.model.name, "alignment_type": job.model.alignment_type,
+            "backend": job.backend.label, "backend_plugin": job.backend.plugin, "backend_config": job.backend.options,
+            "dispatcher": job.dispatcher.label, "dispatcher_plugin": job.dispatcher.plugin,
+            "arm": job.dispatcher.options.get("arm"),
+            "batch_size": job.batch_size, "condition": job.condition, "repeat": job.repeat,
+            "task": job.task.name, "task_source": job.task.source, "item_id": item.id, "domain": item.domain,
+            "group_id": job.group_id, "position": pos, "peers": ids[:pos] + ids[pos + 1:],
+            "prompt_sha256": sha256_text(prompt),
+            "output_text": gen.text, "output_token_ids": list(gen.token_ids), "output_sha256": sha256_text(gen.text),
+            "finish_reason": gen.finish_reason, "logprobs": gen.logprobs,
+            "scorer": scorer, "label": score.label, "score": score.value, "rationale": score.rationale,
+            "timings": t, "attempts": gen.attempts, "restarted": gen.restarted,
+            "dispatch_evidence": result.evidence, "fingerprint_id": fid,
+        })
+    return out
+
+
+def _new_run_dir(study: Study) -> Path:
+    stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    study.output_dir.mkdir(parents=True, exist_ok=True)
+    for n in range(1000):
+        path = study.output_dir / (f"{study.name}-{stamp}" + (f"-{n}" if n else ""))
+        try:
+            path.mkdir()  # never reuse or overwrite a run directory
+            return path
+        except FileExistsError:
+            continue
+    raise UserError(f"could not create a new run directory under {study.output_dir}")
+
+
+def _open_resume(study: Study, run_dir: Path) -> dict[str, Any]:
+    if not (run_dir / MANIFEST).is_file():
+        raise UserError(f"{run_dir} is not an evalhost run directory (no {MANIFEST}); pass the directory "
+                        f"printed by `evalhost run`")
+    manifest = json.loads((run_dir / MANIFEST).read_text())
+    if manifest.get("study_sha256") != sha256_text(study.text):
+        raise UserError(f"{run_dir} was started from a different study file (its copy is {run_dir}/study.toml); "
+                        f"resume with that file or start a new run without --resume")
+    return manifest
+
+
+class _Progress:
+    def __init__(self, total: int, done: int, enabled: bool) -> None:
+        self.bar = None
+        if enabled and total:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+            self.bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                TimeRemainingColumn(), transient=False)
+            self.task = self.bar.add_task("generations", total=total, completed=done)
+            self.bar.start()
+
+    def log(self, msg: str) -> None:
+        if self.bar is not None:
+            self.bar.console.print(msg)
+        else:
+            print(msg, file=sys.stderr, flush=True)
+
+    def advance(self, n: int, what: str = "") -> None:
+        if self.bar is not None:
+            self.bar.update(self.task, advance=n, description=what or "generations")
+
+    def stop(self) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+
+
+def _sigterm_as_interrupt():
+    def handler(signum, frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    try:
+        return signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread
+        return None
+
+
+def run_study(study: Study, resume: Path | None = None, executor: str = "local",
+              executor_options: dict[str, Any] | None = None, dry_run: bool = False, progress: bool = True,
+              report: bool = True, out: Callable[[str], None] = print) -> Path | None:
+    registry = get_registry()
+    for problem in registry.problems:
+        print(f"warning: {problem}", file=sys.stderr)
+    used = {"backend": {b.plugin for b in study.backends}, "dispatcher": {d.plugin for d in study.dispatchers},
+            "executor": {executor}}
+    require_clean(registry, used)
+    ex = registry.get("executor", executor)(executor_options or {})
+    plan = build_plan(study, registry)
+    if dry_run:
+        out(describe(plan))
+        text = ex.describe(plan)
+        if text:
+            out(text)
+        return None
+
+    if resume:
+        run_dir = Path(resume)
+        manifest = _open_resume(study, run_dir)
+    else:
+        run_dir = _new_run_dir(study)
+        (run_dir / "study.toml").write_text(study.text, encoding="utf-8")
+        manifest = {
+            "study": study.name, "study_file": str(study.path) if study.path else None,
+            "study_sha256": sha256_text(study.text), "created": time.time(), "host": host_fingerprint(),
+            "plugins": registry.plugins, "fingerprints": {}, "evidence": {}, "backend_fingerprints": {},
+            "env": {k: v for k, v in os.environ.items() if k.startswith(("VLLM_BATCH_INVARIANT", "CUBLAS_",
+                                                                           "VLLM_ATTENTION", "EVALHOST_PLUGINS"))},
+            "plan": {"generations": plan.n_generations(), "cells": len(plan.cells())},
+        }
+    manifest["status"] = "running"
+    manifest.setdefault("resumes", [])
+    if resume:
+        manifest["resumes"].append(time.time())
+    write_json_atomic(run_dir / MANIFEST, manifest)
+
+    existing = read_records(run_dir / RECORDS)
+    done = {r["key"] for r in existing}
+    total = plan.n_generations()
+    bar = _Progress(total, len(done & {k for j in plan.jobs for k in j.keys()}), progress)
+    out(f"run directory: {run_dir}  ({total} generations planned, {len(done)} already recorded)")
+    context = RunContext(run_dir=run_dir, cache_dir=cache_dir(), log=bar.log,
+                         load_items=lambda spec: _load_items(spec, registry, study))
+    writer = RecordWriter(run_dir / RECORDS)
+    scorers = _Scorers(registry)
+    fids: dict[str, str] = {}
+    run_id = run_dir.name
+
+    def on_event(event) -> None:
+        if isinstance(event, BackendStarted):
+            fid = fingerprint_id(event.fingerprint)
+            old = manifest["backend_fingerprints"].get(event.label)
+            if old and old != fid:
+                raise RunError(f"the stack of backend '{event.label}' changed since this run started (fingerprint "
+                               f"{old} -> {fid}); start a new run instead of resuming this one")
+            fids[event.label] = fid
+            manifest["fingerprints"][fid] = event.fingerprint
+            manifest["backend_fingerprints"][event.label] = fid
+            if event.evidence:
+                manifest["evidence"][event.label] = event.evidence
+            write_json_atomic(run_dir / MANIFEST, manifest)
+            bar.log(f"{event.label}: ready (fingerprint {fid})")
+            return
+        label = f"{event.job.model.name}/{event.job.backend.label}"
+        records = [r for r in build_records(study, run_id, event, fids[label], scorers) if r["key"] not in done]
+        for r in records:
+            writer.write(r)
+            done.add(r["key"])
+        writer.sync()
+        bar.advance(len(records), event.job.cell)
+
+    old_handler = _sigterm_as_interrupt()
+    status = "complete"
+    try:
+        facts = ex.run(plan.works, study.sampling, context, set(done), on_event)
+        manifest["executor"] = facts or {"executor": executor}
+    except KeyboardInterrupt:
+        status = "interrupted"
+        raise
+    except Exception as exc:
+        status = f"stopped: {exc}"
+        raise
+    finally:
+        bar.stop()
+        writer.close()
+        if old_handler is not None:
+            signal.signal(signal.SIGTERM, old_handler)
+        manifest["status"] = status  # written after the data, never before
+        manifest["finished"] = time.time()
+        write_json_atomic(run_dir / MANIFEST, manifest)
+    if report:
+        from .report import write_report
+
+        path = write_report(run_dir)
+        out(f"report: {path}")
+    return run_dir
+
+
+def _load_items(spec: str, registry: Registry, study: Study):
+    from .plan import load_task
+    from .study import TaskSpec
+
+    return load_task(TaskSpec(name=spec.split(":")[-1].split("/")[-1], source=spec), registry,
+                     study.path.parent if study.path else None)
+
+
+def run_file(path: str | Path, **kwargs) -> Path | None:
+    return run_study(load_study(path), **kwargs)

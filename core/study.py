@@ -1,0 +1,286 @@
+"""Study files (TOML): schema, validation and the typed :class:`Study`.
+
+Every problem is reported as one sentence naming the file and the key (``tasks[1].limit``), with "did you mean" for
+misspelled keys; the CLI turns it into exit code 2. Plugin names are checked later, against the registry, in
+:mod:`evalhost.plan`.
+"""
+from __future__ import annotations
+
+import difflib
+import itertools
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+from .errors import UserError
+from .types import DOMAINS, ModelSpec, Sampling
+
+DTYPES = ("auto", "float32", "float16", "bfloat16")
+MAX_BATCH = 4096
+MAX_TOKENS = 131072
+
+# key -> (type(s), required, check) per table. check(value) returns an error fragment or None.
+_pos = lambda v: None if v >= 1 else "must be at least 1"  # noqa: E731
+_nonneg = lambda v: None if v >= 0 else "must not be negative"  # noqa: E731
+_unit = lambda v: None if 0 < v <= 1 else "must be in (0, 1]"  # noqa: E731
+_maxtok = lambda v: None if 1 <= v <= MAX_TOKENS else f"must be between 1 and {MAX_TOKENS}"  # noqa: E731
+_nonempty = lambda v: None if v.strip() else "must not be empty"  # noqa: E731
+
+
+def _enum(*allowed):
+    return lambda v: None if v in allowed else f"must be one of {', '.join(allowed)}"
+
+
+def _batch_sizes(v):
+    if not v:
+        return "must list at least one batch size"
+    for b in v:
+        if not isinstance(b, int) or isinstance(b, bool) or not 1 <= b <= MAX_BATCH:
+            return f"must hold integers between 1 and {MAX_BATCH} (got {b!r})"
+    return None
+
+
+SCHEMA: dict[str, dict[str, tuple]] = {
+    "study": {
+        "name": (str, True, _nonempty),
+        "seed": (int, False, None),
+        "output_dir": (str, False, _nonempty),
+        "description": (str, False, None),
+        "phase": (str, False, None),
+        "repeats": (int, False, _pos),
+        "solo_repeats": (int, False, _pos),
+    },
+    "sampling": {
+        "temperature": ((int, float), False, _nonneg),
+        "top_p": ((int, float), False, _unit),
+        "max_tokens": (int, False, _maxtok),
+        "seed": (int, False, None),
+        "logprobs": (int, False, _nonneg),
+    },
+    "models": {
+        "name": (str, True, _nonempty),
+        "path": (str, True, _nonempty),
+        "dtype": (str, False, _enum(*DTYPES)),
+        "alignment_type": (str, False, None),
+    },
+    "backends": {
+        "name": (str, True, _nonempty),
+        "label": (str, False, _nonempty),
+        "options": (dict, False, None),
+        "matrix": (dict, False, None),
+    },
+    "dispatchers": {
+        "name": (str, True, _nonempty),
+        "label": (str, False, _nonempty),
+        "batch_sizes": (list, False, _batch_sizes),
+        "options": (dict, False, None),
+    },
+    "tasks": {
+        "name": (str, True, _nonempty),
+        "source": (str, True, _nonempty),
+        "limit": (int, False, _pos),
+        "domain": (str, False, _enum(*DOMAINS)),
+        "scorer": (str, False, _nonempty),
+        "scorer_options": (dict, False, None),
+        "options": (dict, False, None),
+    },
+}
+TOP = {"study": "table", "sampling": "table", "models": "list", "backends": "list", "dispatchers": "list",
+       "tasks": "list"}
+REQUIRED_TOP = ("study", "models", "backends", "tasks")
+_TYPE_NAMES = {str: "a string", int: "an integer", dict: "a table", list: "a list", (int, float): "a number"}
+
+
+@dataclass(frozen=True)
+class BackendConfig:
+    """One backend configuration: a plugin plus options (one point of the backend's ``matrix``)."""
+
+    label: str
+    plugin: str
+    options: dict[str, Any]
+    axes: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class DispatcherConfig:
+    label: str
+    plugin: str
+    batch_sizes: tuple[int, ...]
+    options: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    name: str
+    source: str
+    limit: int | None = None
+    domain: str | None = None
+    scorer: str | None = None
+    scorer_options: dict[str, Any] = field(default_factory=dict)
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Study:
+    name: str
+    seed: int
+    output_dir: Path
+    sampling: Sampling
+    models: list[ModelSpec]
+    backends: list[BackendConfig]
+    dispatchers: list[DispatcherConfig]
+    tasks: list[TaskSpec]
+    description: str = ""
+    phase: str = ""
+    repeats: int = 1
+    solo_repeats: int = 1
+    path: Path | None = None
+    text: str = ""
+
+
+def _where(path: Path | None) -> str:
+    return f"{path}: " if path else ""
+
+
+def _fail(path: Path | None, msg: str) -> UserError:
+    return UserError(_where(path) + msg)
+
+
+def _typename(t) -> str:
+    return _TYPE_NAMES.get(t, getattr(t, "__name__", str(t)))
+
+
+def _check_table(table: Any, schema: dict[str, tuple], where: str, path: Path | None) -> None:
+    if not isinstance(table, dict):
+        raise _fail(path, f"'{where}' must be a table ([{where}] or [[{where}]]), got {type(table).__name__}")
+    for key in table:
+        if key not in schema:
+            hint = difflib.get_close_matches(key, list(schema), n=1)
+            extra = f" (did you mean '{where}.{hint[0]}'?)" if hint else f"; allowed: {', '.join(schema)}"
+            raise _fail(path, f"unknown key '{where}.{key}'{extra}")
+    for key, (typ, required, check) in schema.items():
+        if key not in table:
+            if required:
+                raise _fail(path, f"missing required key '{where}.{key}'")
+            continue
+        value = table[key]
+        ok = isinstance(value, typ) and not isinstance(value, bool)
+        if typ is list and isinstance(value, list):
+            ok = True
+        if not ok:
+            raise _fail(path, f"'{where}.{key}' must be {_typename(typ)}, got {type(value).__name__} {value!r}")
+        if check is not None:
+            problem = check(value)
+            if problem:
+                raise _fail(path, f"'{where}.{key}' {problem} (got {value!r})")
+
+
+def _unique(names: list[str], what: str, path: Path | None) -> None:
+    seen = set()
+    for n in names:
+        if n in seen:
+            raise _fail(path, f"two {what} are named '{n}'; give each a unique name (or label)")
+        seen.add(n)
+
+
+def _expand_matrix(label: str, plugin: str, options: dict, matrix: dict, where: str, path) -> list[BackendConfig]:
+    if not matrix:
+        return [BackendConfig(label, plugin, options)]
+    keys = list(matrix)
+    for k in keys:
+        if not isinstance(matrix[k], list) or not matrix[k]:
+            raise _fail(path, f"'{where}.matrix.{k}' must be a non-empty list of option values")
+        if k in options:
+            raise _fail(path, f"'{k}' is set both in '{where}.options' and '{where}.matrix'; keep one")
+    out = []
+    for values in itertools.product(*(matrix[k] for k in keys)):
+        axes = dict(zip(keys, values))
+        tag = ",".join(f"{k}={v}" for k, v in axes.items())
+        out.append(BackendConfig(f"{label}[{tag}]", plugin, {**options, **axes}, axes))
+    return out
+
+
+def parse_study(text: str, path: Path | None = None) -> Study:
+    """Validate TOML text and build a :class:`Study`; raises UserError with one sentence on any problem."""
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise _fail(path, f"is not valid TOML ({exc}); fix the syntax at that line")
+    for key in data:
+        if key not in TOP:
+            hint = difflib.get_close_matches(key, list(TOP), n=1)
+            extra = f" (did you mean '{hint[0]}'?)" if hint else f"; allowed: {', '.join(TOP)}"
+            raise _fail(path, f"unknown top-level key '{key}'{extra}")
+    for key in REQUIRED_TOP:
+        if key not in data:
+            form = f"[{key}]" if TOP[key] == "table" else f"[[{key}]]"
+            raise _fail(path, f"missing required section '{key}'; add a {form} section")
+    for key, kind in TOP.items():
+        if key not in data:
+            continue
+        if kind == "table":
+            _check_table(data[key], SCHEMA[key], key, path)
+        else:
+            if not isinstance(data[key], list) or not data[key]:
+                raise _fail(path, f"'{key}' must be a non-empty list of tables ([[{key}]])")
+            for i, t in enumerate(data[key]):
+                _check_table(t, SCHEMA[key], f"{key}[{i}]", path)
+
+    s = data["study"]
+    samp = data.get("sampling", {})
+    sampling = Sampling(
+        temperature=float(samp.get("temperature", 0.0)),
+        top_p=float(samp.get("top_p", 1.0)),
+        max_tokens=int(samp.get("max_tokens", 128)),
+        seed=int(samp.get("seed", s.get("seed", 42))),
+        logprobs=samp.get("logprobs"),
+    )
+    models = [ModelSpec(m["name"], m["path"], m.get("dtype"), m.get("alignment_type")) for m in data["models"]]
+    _unique([m.name for m in models], "models", path)
+
+    backends: list[BackendConfig] = []
+    for i, b in enumerate(data["backends"]):
+        backends += _expand_matrix(b.get("label", b["name"]), b["name"], dict(b.get("options", {})),
+                                   dict(b.get("matrix", {})), f"backends[{i}]", path)
+    _unique([b.label for b in backends], "backends", path)
+
+    dispatchers = []
+    for i, d in enumerate(data.get("dispatchers", [])):
+        if d["name"] == "solo":
+            raise _fail(path, f"'dispatchers[{i}]' is 'solo', which every study runs already as its baseline; remove it")
+        if "batch_sizes" not in d:
+            raise _fail(path, f"missing required key 'dispatchers[{i}].batch_sizes' (e.g. batch_sizes = [4, 8])")
+        dispatchers.append(DispatcherConfig(d.get("label", d["name"]), d["name"], tuple(d["batch_sizes"]),
+                                            dict(d.get("options", {}))))
+    _unique([d.label for d in dispatchers], "dispatchers", path)
+
+    tasks = [TaskSpec(t["name"], t["source"], t.get("limit"), t.get("domain"), t.get("scorer"),
+                      dict(t.get("scorer_options", {})), dict(t.get("options", {}))) for t in data["tasks"]]
+    _unique([t.name for t in tasks], "tasks", path)
+
+    out_dir = Path(s.get("output_dir", "runs")).expanduser()
+    repeats = int(s.get("repeats", 1))
+    return Study(
+        name=s["name"], seed=int(s.get("seed", 42)),
+        output_dir=out_dir if out_dir.is_absolute() else Path.cwd() / out_dir,
+        sampling=sampling, models=models, backends=backends, dispatchers=dispatchers, tasks=tasks,
+        description=s.get("description", ""), phase=s.get("phase", ""), repeats=repeats,
+        solo_repeats=int(s.get("solo_repeats", repeats)), path=path, text=text,
+    )
+
+
+def load_study(path: str | Path) -> Study:
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"study file {path} does not exist; pass the path to a .toml study (see studies/)")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise UserError(f"{path} is not UTF-8 text; save the study file as UTF-8")
+    return parse_study(text, path)

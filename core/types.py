@@ -1,0 +1,229 @@
+"""Public types shared by the host and its plugins.
+
+Plugins import from here (``from evalhost.types import ...``) and from nowhere else in core, except
+``evalhost.errors`` for :class:`UserError`.  Nothing in this module imports torch, vllm or transformers.
+
+The flow of one study: TOML -> :mod:`evalhost.study` -> :mod:`evalhost.plan` (cells and :class:`Group`s) ->
+a :class:`Dispatcher` sends each group through a :class:`Backend` -> :class:`Generation`s ->
+a :class:`Scorer` labels them -> :mod:`evalhost.records` writes one record per target.
+"""
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+DOMAINS = ("safety", "capability")
+
+# Capabilities a backend may declare; a dispatcher lists the ones it needs in ``requires``.
+PROMPT_LIST = "prompt_list"  # one call generates a true (padded / co-scheduled) batch of prompts
+CONCURRENT = "concurrent"  # many single-prompt requests may be in flight at once (a serving engine)
+CONTINUOUS = "continuous"  # requests can join a running continuous batch mid-decode
+
+
+def sha256_text(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+@dataclass(frozen=True)
+class TaskItem:
+    """One prompt of a task set.
+
+    ``prompt`` is the user text (or ``messages`` a chat, OpenAI style).  For multiple choice, ``choices`` maps
+    option letters to texts and ``answer`` is the correct letter; the prompt already shows the options.
+    For bias items, ``targets`` maps ``stereotyped`` / ``anti_stereotyped`` / ``unknown`` to option letters.
+    """
+
+    id: str
+    task: str
+    domain: str
+    prompt: str | None = None
+    messages: tuple[dict[str, str], ...] | None = None
+    choices: dict[str, str] | None = None
+    answer: str | None = None
+    targets: dict[str, str] | None = None
+    scorer: str | None = None
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+    def chat(self) -> list[dict[str, str]]:
+        """The item as chat messages (a bare prompt becomes one user turn)."""
+        if self.messages:
+            return [dict(m) for m in self.messages]
+        return [{"role": "user", "content": self.prompt or ""}]
+
+    def plain_text(self) -> str:
+        """The item as one string, for backends that do not apply a chat template."""
+        if self.prompt is not None:
+            return self.prompt
+        return "\n\n".join(m["content"] for m in self.chat())
+
+
+@dataclass(frozen=True)
+class Sampling:
+    temperature: float = 0.0
+    top_p: float = 1.0
+    max_tokens: int = 128
+    seed: int = 42
+    logprobs: int | None = None
+
+
+@dataclass
+class Generation:
+    """What a backend returns for one prompt.
+
+    ``timings`` holds wall-clock stamps (``time.time()``): ``sent``, ``first_token`` (when known), ``finished``.
+    ``attempts`` > 1 or ``restarted`` say the request was retried / the server restarted while it was in flight.
+    """
+
+    text: str
+    token_ids: list[int]
+    finish_reason: str
+    timings: dict[str, float] = field(default_factory=dict)
+    attempts: int = 1
+    restarted: bool = False
+    logprobs: list[float] | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Member:
+    """One prompt of a dispatch group. ``role`` is ``target`` (recorded) or ``filler`` (sent, not recorded)."""
+
+    item: TaskItem
+    prompt: str
+    role: str = "target"
+
+
+@dataclass(frozen=True)
+class Group:
+    """The prompts that are sent together. A solo group has one member."""
+
+    id: str
+    members: tuple[Member, ...]
+
+    @property
+    def prompts(self) -> list[str]:
+        return [m.prompt for m in self.members]
+
+
+@dataclass
+class GroupResult:
+    """A dispatcher's answer: one generation per member, in member order, and evidence of how they ran."""
+
+    generations: list[Generation]
+    evidence: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Score:
+    label: str
+    value: float | None = None
+    rationale: str = ""
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    name: str
+    path: str
+    dtype: str | None = None
+    alignment_type: str | None = None
+
+
+@dataclass
+class RunContext:
+    """What the host gives a backend or dispatcher: where to write logs, and how to report progress."""
+
+    run_dir: Path
+    cache_dir: Path
+    log: Callable[[str], None] = print
+    load_items: Callable[[str], list[TaskItem]] | None = None  # resolve a task source spec, e.g. "builtin:benign"
+
+
+class Backend:
+    """Base class of backend plugins. One instance per (model, backend configuration) in a run.
+
+    Subclasses set ``capabilities`` and implement :meth:`start`, :meth:`generate`, :meth:`fingerprint`.
+    Heavy imports (torch, transformers, vllm) belong inside methods, never at module level.
+    """
+
+    capabilities: frozenset[str] = frozenset()
+
+    def __init__(self, model: ModelSpec, options: dict[str, Any], context: RunContext) -> None:
+        self.model = model
+        self.options = dict(options)
+        self.context = context
+
+    # -- preflight and lifecycle ------------------------------------------------------------
+    @classmethod
+    def check_options(cls, options: dict[str, Any]) -> None:
+        """Raise :class:`evalhost.errors.UserError` for an unknown or ill-typed option (plan time)."""
+
+    def preflight(self) -> None:
+        """Fail with one clear sentence if this backend cannot work on this machine (before any generation)."""
+
+    def start(self) -> None:
+        """Load the model or start the server. Called once before the first group; may be called again."""
+
+    def close(self) -> None:
+        """Release everything (stop servers). Must be safe to call twice."""
+
+    def resources(self) -> dict[str, float]:
+        """What one instance needs from a scheduler such as Ray, e.g. ``{"num_gpus": 1}``."""
+        return {"num_cpus": 1}
+
+    # -- generation -------------------------------------------------------------------------
+    def render(self, item: TaskItem) -> str:
+        """The exact prompt string sent to the engine (chat template applied client-side when configured)."""
+        return item.plain_text()
+
+    def generate(self, prompts: list[str], sampling: Sampling) -> list[Generation]:
+        """Generate for ``prompts`` as one true batch (one call / one request). One prompt = solo."""
+        raise NotImplementedError
+
+    async def agenerate(self, prompt: str, sampling: Sampling) -> Generation:
+        """One single-prompt request that may run concurrently with others (backends with CONCURRENT)."""
+        raise NotImplementedError
+
+    # -- provenance -------------------------------------------------------------------------
+    def fingerprint(self) -> dict[str, Any]:
+        """Stack fingerprint: package versions, device, server args, env flags that change numerics."""
+        return {}
+
+    def evidence(self) -> dict[str, Any]:
+        """Extra facts for the manifest (e.g. batch-invariant activation evidence)."""
+        return {}
+
+
+class Dispatcher:
+    """Base class of dispatcher plugins: decides how a group's prompts reach the backend."""
+
+    requires: frozenset[str] = frozenset()
+
+    def __init__(self, options: dict[str, Any], context: RunContext) -> None:
+        self.options = dict(options)
+        self.context = context
+
+    @classmethod
+    def check_options(cls, options: dict[str, Any]) -> None:
+        """Raise :class:`evalhost.errors.UserError` for an unknown or ill-typed option (plan time)."""
+
+    def run_group(self, backend: Backend, group: Group, sampling: Sampling) -> GroupResult:
+        raise NotImplementedError
+
+
+class Scorer:
+    """Base class of scorer plugins: turns one output text into a discrete label."""
+
+    def __init__(self, options: dict[str, Any] | None = None) -> None:
+        self.options = dict(options or {})
+
+    def score(self, item: TaskItem, text: str) -> Score:
+        raise NotImplementedError
+
+
+class TaskSource:
+    """Base class of task-source plugins. ``load`` resolves the part of ``source`` after the scheme."""
+
+    def load(self, location: str, options: dict[str, Any]) -> list[TaskItem]:
+        raise NotImplementedError
