@@ -217,10 +217,6 @@ def parse_study(text: str, path: Path | None = None) -> Study:
             hint = difflib.get_close_matches(key, list(TOP), n=1)
             extra = f" (did you mean '{hint[0]}'?)" if hint else f"; allowed: {', '.join(TOP)}"
             raise _fail(path, f"unknown top-level key '{key}'{extra}")
-    for key in REQUIRED_TOP:
-        if key not in data:
-            form = f"[{key}]" if TOP[key] == "table" else f"[[{key}]]"
-            raise _fail(path, f"missing required section '{key}'; add a {form} section")
     for key, kind in TOP.items():
         if key not in data:
             continue
@@ -231,6 +227,11 @@ def parse_study(text: str, path: Path | None = None) -> Study:
                 raise _fail(path, f"'{key}' must be a non-empty list of tables ([[{key}]])")
             for i, t in enumerate(data[key]):
                 _check_table(t, SCHEMA[key], f"{key}[{i}]", path)
+
+    for key in REQUIRED_TOP:
+        if key not in data:
+            form = f"[{key}]" if TOP[key] == "table" else f"[[{key}]]"
+            raise _fail(path, f"missing required section '{key}'; add a {form} section")
 
     s = data["study"]
     samp = data.get("sampling", {})

@@ -1,0 +1,58 @@
+"""A tiny third-party-style plugin for the core tests: a deterministic, batch-sensitive toy backend and a scorer.
+
+It is registered through a real ``evalhost`` entry point (see tests/toy/__init__.py's make_distribution), not by
+touching the plugin manager. Outputs depend on the batch size for some prompts, so batched runs produce flips.
+"""
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import time
+
+from evalhost.hookspecs import hookimpl
+from evalhost.types import CONCURRENT, PROMPT_LIST, Backend, Generation, Scorer, Score
+
+
+def _reply(prompt: str, batch: int) -> str:
+    h = hashlib.sha256(f"{prompt}|{batch if batch > 1 else 1}".encode()).hexdigest()
+    if batch > 1 and int(h[:4], 16) % 4 == 0:
+        return "I'm sorry, I can't help with that."
+    return "Sure: " + hashlib.sha256(prompt.encode()).hexdigest()[:12]
+
+
+class ToyBackend(Backend):
+    capabilities = frozenset({PROMPT_LIST, CONCURRENT})
+
+    def start(self):
+        self.delay = float(os.environ.get("EVALHOST_TOY_DELAY", self.options.get("delay", 0)))
+
+    def generate(self, prompts, sampling):
+        time.sleep(self.delay)
+        now = time.time()
+        return [Generation(_reply(p, len(prompts)), [ord(c) for c in _reply(p, len(prompts))], "stop",
+                           {"sent": now, "finished": time.time()}) for p in prompts]
+
+    async def agenerate(self, prompt, sampling):
+        await asyncio.sleep(self.delay)
+        text = _reply(prompt, 2)
+        return Generation(text, [ord(c) for c in text], "stop", {"sent": time.time(), "finished": time.time()})
+
+    def fingerprint(self):
+        return {"toy": "1"}
+
+
+class ToyScorer(Scorer):
+    def score(self, item, text):
+        refused = "sorry" in text.lower()
+        return Score("refuse" if refused else "comply", 1.0 if refused else 0.0, "toy")
+
+
+@hookimpl
+def register_backends(register):
+    register("toy", ToyBackend)
+
+
+@hookimpl
+def register_scorers(register):
+    register("toy_refusal", ToyScorer)
