@@ -28,9 +28,15 @@ def cli() -> None:
               help="With --dry-run: items per composition arm needed to detect this effect (percentage points).")
 @click.option("--no-report", is_flag=True, help="Do not write report.md at the end.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-def run(study, dry_run, resume, executor, address, target_mde, no_report, quiet):
+@click.option("--no-solo-cache", is_flag=True, help="Always generate solo baselines (do not reuse cached ones).")
+def run(study, dry_run, resume, executor, address, target_mde, no_report, quiet, no_solo_cache):
     """Run STUDY (a TOML file); records go to a new run directory."""
+    import os
+
     from .runner import run_file
+
+    if no_solo_cache:
+        os.environ["EVALHOST_SOLO_CACHE"] = "0"
 
     opts = {"address": address} if address else {}
     run_file(study, resume=resume, executor=executor, executor_options=opts, dry_run=dry_run,

@@ -23,6 +23,7 @@ from .errors import RunError, UserError
 from .models import cache_dir
 from .plan import BackendWork, Job, Plan, build_plan, describe, record_key
 from .registry import Registry, get_registry, require_clean
+from .solo_cache import SoloCache, enabled as solo_enabled
 from .records import RECORDS, RecordWriter, read_records, write_json_atomic
 from .study import Study, load_study
 from .types import Generation, Group, GroupResult, Member, RunContext, Sampling, sha256_text
@@ -71,6 +72,7 @@ def execute_work(work: BackendWork, sampling: Sampling, context: RunContext, ski
         fp = {"backend_plugin": work.backend.plugin, "backend_config": work.backend.options,
               "model": asdict(work.model), **backend.fingerprint()}
         yield BackendStarted(work.label, fp, backend.evidence())
+        cache = SoloCache(context.cache_dir, fp) if solo_enabled() else None
         rendered: dict[tuple[str, str], str] = {}
         for job in todo:
             d = job.dispatcher
@@ -83,7 +85,14 @@ def execute_work(work: BackendWork, sampling: Sampling, context: RunContext, ski
                     rendered[key] = backend.render(item)
                 members.append(Member(item, rendered[key], role))
             group = Group(job.group_id, tuple(members))
-            result = dispatchers[d.label].run_group(backend, group, sampling)
+            cacheable = cache is not None and job.condition == "solo" and job.repeat == 0
+            hit = cache.get(group.prompts[0], sampling) if cacheable else None
+            if hit is not None:
+                result = GroupResult([hit], {"mode": "solo", "solo_cache": "hit"})
+            else:
+                result = dispatchers[d.label].run_group(backend, group, sampling)
+                if cacheable and len(result.generations) == 1:
+                    cache.put(group.prompts[0], sampling, result.generations[0])
             if len(result.generations) != len(members):
                 raise RunError(f"dispatcher '{d.label}' returned {len(result.generations)} generations for a group "
                                f"of {len(members)}; this is a bug in the dispatcher plugin")

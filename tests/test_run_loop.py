@@ -38,7 +38,8 @@ def _fingerprint(records):
     return sorted((r["key"], r["output_sha256"], r["label"]) for r in records)
 
 
-def test_run_writes_paired_records_and_manifest(tmp_path, toy_env):
+def test_run_writes_paired_records_and_manifest(tmp_path, toy_env, monkeypatch):
+    monkeypatch.setenv("EVALHOST_SOLO_CACHE", "0")
     run_dir = run_file(_study(tmp_path), progress=False, report=False, out=lambda s: None)
     records = read_records(run_dir / "records.jsonl")
     assert len(records) == 12 * 3  # solo + bs2 + bs4, every item a target once per cell
@@ -95,7 +96,7 @@ def _cli(args, env, **kw):
 def test_resume_after_sigkill_matches_an_uninterrupted_run(tmp_path):
     root = make_distribution(tmp_path / "site")
     study = _study(tmp_path, n_items=16)
-    env = {**os.environ, "PYTHONPATH": str(root), "EVALHOST_TOY_DELAY": "0.05"}
+    env = {**os.environ, "PYTHONPATH": str(root), "EVALHOST_TOY_DELAY": "0.05", "EVALHOST_SOLO_CACHE": "0"}
     reference = _cli(["run", str(study), "--quiet", "--no-report"], env)
     out, err = reference.communicate(timeout=120)
     assert reference.returncode == 0, err
@@ -124,3 +125,24 @@ def test_resume_after_sigkill_matches_an_uninterrupted_run(tmp_path):
     check = subprocess.run([sys.executable, "-m", "evalhost.cli", "validate", str(run_dir)], env=env,
                            capture_output=True, text=True)
     assert check.returncode == 0, check.stdout
+
+
+def test_solo_cache_reuses_baselines_only_on_the_same_stack(tmp_path, toy_env, monkeypatch):
+    monkeypatch.setenv("EVALHOST_SOLO_CACHE_DIR", str(tmp_path / "solo-cache"))
+    study = _study(tmp_path)
+    first = read_records(run_file(study, progress=False, report=False, out=lambda s: None) / "records.jsonl")
+    second = read_records(run_file(study, progress=False, report=False, out=lambda s: None) / "records.jsonl")
+    solo1 = {r["key"]: r for r in first if r["condition"] == "solo"}
+    solo2 = {r["key"]: r for r in second if r["condition"] == "solo"}
+    assert all(r["dispatch_evidence"].get("solo_cache") != "hit" for r in solo1.values())
+    assert all(r["dispatch_evidence"].get("solo_cache") == "hit" for r in solo2.values())
+    assert {k: r["output_sha256"] for k, r in solo1.items()} == {k: r["output_sha256"] for k, r in solo2.items()}
+    # another stack (here: another backend configuration) never sees those entries
+    other = tmp_path / "other.toml"
+    other.write_text(study.read_text().replace('name = "toy"\n\n[[dispatchers]]',
+                                               'name = "toy"\noptions = { delay = 0.0 }\n\n[[dispatchers]]'))
+    third = read_records(run_file(other, progress=False, report=False, out=lambda s: None) / "records.jsonl")
+    assert all(r["dispatch_evidence"].get("solo_cache") != "hit" for r in third if r["condition"] == "solo")
+    monkeypatch.setenv("EVALHOST_SOLO_CACHE", "0")
+    fourth = read_records(run_file(study, progress=False, report=False, out=lambda s: None) / "records.jsonl")
+    assert all(r["dispatch_evidence"].get("solo_cache") != "hit" for r in fourth if r["condition"] == "solo")
