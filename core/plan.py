@@ -5,9 +5,9 @@ the **solo** cell (dispatcher ``solo``, batch size 1) that batched cells are pai
 the study seed, the task and the batch size — never on the model or backend — so two backends run exactly the same
 groups (the pairing Study D needs).
 
-Items that carry an explicit group (``metadata["group"]``: the ordered item ids of the original dispatch group, as
-written by ``evalhost candidates``) are run in that group instead, under the dispatcher named in
-``metadata["dispatcher"]`` when the study lists it (any listed dispatcher otherwise).
+Items that carry an explicit group (``metadata["group_members"]`` and ``metadata["position"]``, as the
+``candidates`` task source rebuilds them from ``evalhost candidates`` rows) are run in that group instead, under the
+dispatcher named in ``metadata["dispatcher"]`` when the study lists it (every listed dispatcher otherwise).
 """
 from __future__ import annotations
 
@@ -181,12 +181,11 @@ def build_plan(study: Study, registry: Registry) -> Plan:
                     for it in items:
                         work.jobs.append(Job(cell, model, backend, task, SOLO, 1, "solo", r,
                                              f"{task.name}:solo:{it.id}", [(it, "target")]))
-                by_id = {it.id: it for it in items}
-                explicit = [it for it in items if it.metadata.get("group")]
+                explicit = [it for it in items if it.metadata.get("group_members")]
                 for disp in study.dispatchers:
                     for r in range(study.repeats):
                         if explicit:
-                            work.jobs += _explicit_jobs(explicit, by_id, model, backend, task, disp, r, study)
+                            work.jobs += _explicit_jobs(explicit, model, backend, task, disp, r, study)
                             continue
                         for bs in disp.batch_sizes:
                             cell = cell_id(model.name, backend.label, task.name, disp.label, bs)
@@ -197,23 +196,20 @@ def build_plan(study: Study, registry: Registry) -> Plan:
     return Plan(study, works, tasks)
 
 
-def _explicit_jobs(explicit, by_id, model, backend, task, disp, repeat, study) -> list[Job]:
+def _explicit_jobs(explicit, model, backend, task, disp, repeat, study) -> list[Job]:
     jobs = []
     listed = {d.plugin for d in study.dispatchers} | {d.label for d in study.dispatchers}
     for it in explicit:
         wanted = it.metadata.get("dispatcher")
         if wanted and wanted in listed and wanted not in (disp.plugin, disp.label):
             continue
-        ids = list(it.metadata["group"])
-        missing = [i for i in ids if i not in by_id]
-        if missing:
-            raise UserError(f"candidate '{it.id}' of task '{task.name}' names peer '{missing[0]}', which the task "
-                            f"does not have; regenerate the candidates file from the same task files")
-        members = [(by_id[i], "target" if i == it.id else "filler") for i in ids]
+        pos = int(it.metadata.get("position", 0))
+        members = [(it, "target") if i == pos else (m, "filler")
+                   for i, m in enumerate(it.metadata["group_members"])]
         bs = len(members)
         cell = cell_id(model.name, backend.label, task.name, disp.label, bs)
         jobs.append(Job(cell, model, backend, task, disp, bs, "batch", repeat,
-                        it.metadata.get("group_id", f"{task.name}:cand:{it.id}"), members))
+                        it.metadata.get("group_id") or f"{task.name}:cand:{it.id}", members))
     return jobs
 
 

@@ -34,6 +34,7 @@ DEFAULT_PLUGINS = (
     "evalhost.plugins.scorers.truthfulqa",
     "evalhost.plugins.task_sources.files",
     "evalhost.plugins.task_sources.hf_datasets",
+    "evalhost.plugins.task_sources.candidates",
     "evalhost.plugins.executors.local",
     "evalhost.plugins.executors.ray",
 )

@@ -134,7 +134,7 @@ def build_records(study: Study, run_id: str, done: GroupDone, fid: str, scorers:
             "dispatcher": job.dispatcher.label, "dispatcher_plugin": job.dispatcher.plugin,
             "arm": job.dispatcher.options.get("arm"),
             "batch_size": job.batch_size, "condition": job.condition, "repeat": job.repeat,
-            "task": job.task.name, "task_source": job.task.source, "item_id": item.id, "domain": item.domain,
+            "task": item.task, "task_source": item.metadata.get("candidate", {}).get("task_source", job.task.source), "item_id": item.id, "domain": item.domain,
             "group_id": job.group_id, "position": pos, "peers": ids[:pos] + ids[pos + 1:],
             "prompt_sha256": sha256_text(prompt),
             "output_text": gen.text, "output_token_ids": list(gen.token_ids), "output_sha256": sha256_text(gen.text),
