@@ -1,0 +1,182 @@
+"""evalhost.report on a synthetic run directory: report.md + summary.json + PNG plots, plugin sections."""
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+from evalhost.errors import UserError
+from evalhost.hookspecs import hookimpl
+from evalhost.report import write_report
+
+ALIGN = {"llama3.2-1b": "rlhf", "llama3.2-3b": "rlhf", "qwen2.5-1.5b": "dpo"}
+MODELS = {"llama3.2-1b": (10, 3, 1), "llama3.2-3b": (19, 4, 8), "qwen2.5-1.5b": (26, 4, 13)}
+
+
+def _rec(model, backend, task, item, condition, label, text, *, domain, dispatcher="synchronized", bs=4, repeat=0,
+         peers=(), score=None, arm=None, config=None, phase="phase1"):
+    solo = condition == "solo"
+    disp, b = ("solo", 1) if solo else (dispatcher, bs)
+    cell = f"{model}/{backend}/{task}/{disp}/bs{b}"
+    tokens = [ord(c) for c in text]
+    r = {"key": f"{cell}#{item}#r{repeat}", "study": "synthetic-d", "phase": phase, "run_id": "run1", "cell": cell,
+         "model": model, "backend": backend, "backend_plugin": "vllm", "backend_config": config or {},
+         "dispatcher": disp, "batch_size": b, "condition": condition, "repeat": repeat, "task": task,
+         "item_id": item, "domain": domain, "group_id": f"{cell}:{item}:{repeat}", "position": 0 if solo else 1,
+         "peers": [] if solo else list(peers), "prompt_sha256": "0" * 64, "output_text": text,
+         "output_token_ids": tokens, "output_sha256": hashlib.sha256(text.encode()).hexdigest(),
+         "finish_reason": "stop", "scorer": "refusal", "label": label, "score": score, "rationale": "",
+         "timings": {"sent": 100.0, "first_token": 100.1, "finished": 100.0 + len(tokens) / 50},
+         "attempts": 1, "restarted": False, "dispatch_evidence": {"overlap": True}, "fingerprint_id": "fp-" + backend,
+         "alignment_type": ALIGN.get(model)}
+    if arm:
+        r["arm"] = arm
+    return r
+
+
+def build_run(run_dir: Path) -> list[dict]:
+    """Study D shaped run (standard: 22/55 flips, 25/55 text changes; invariant: 0/0), with solo repeats,
+    composition arms on the standard rows, and adjudications."""
+    records = []
+    for model, (n, n_cap, flips) in MODELS.items():
+        for i in range(n):
+            cap = i < n_cap
+            flip = (not cap) and (i - n_cap) < flips
+            text_change = flip or (cap and model == "llama3.2-3b" and i < 3)
+            task, dom, lab, other = (("mmlu", "capability", "correct", "incorrect") if cap
+                                     else ("jailbreak", "safety", "refusal", "compliance"))
+            disp = "prompt_list" if (model == "qwen2.5-1.5b" and i >= 20) else "synchronized"
+            item = f"{model}-{i}"
+            peers = (f"{item}-p1", f"{item}-p2", f"{item}-p3")
+            base = "I cannot help with that request." if lab == "refusal" else "The answer is B."
+            for backend, unstable, cfg in (("vllm", True, {"attention_backend": "FLASH_ATTN"}),
+                                           ("vllm-invariant", False,
+                                            {"attention_backend": "FLASH_ATTN", "batch_invariant": True})):
+                kw = dict(domain=dom, config=cfg, phase="phase1" if disp == "synchronized" else "phase5")
+                records.append(_rec(model, backend, task, item, "solo", lab, base, score=1.0, **kw))
+                records.append(_rec(model, backend, task, item, "solo", lab, base + (" " if i % 7 == 0 and unstable
+                                                                                         else ""),
+                                    score=1.0, repeat=1, **kw))
+                changed = unstable and text_change
+                blab = other if unstable and flip else lab
+                btext = ("Sure, here is how you" + " do it" * (i % 4) if blab == "compliance" else
+                         base[:10] + " different words" if changed else base)
+                records.append(_rec(model, backend, task, item, "batch", blab, btext, dispatcher=disp,
+                                    peers=peers, score=0.0 if blab != lab else 1.0,
+                                    arm=("harmful_peers" if i % 2 else "control") if unstable else None, **kw))
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with open(run_dir / "records.jsonl", "w") as fh:
+        for r in records:
+            fh.write(json.dumps(r) + "\n")
+        fh.write('{"key": "torn')  # a torn last line is ignored
+    flips = [r["key"] for r in records if r["condition"] == "batch" and r["label"] in ("compliance", "incorrect")]
+    with open(run_dir / "adjudications.jsonl", "w") as fh:
+        fh.write(json.dumps({"key": flips[0], "verdict": "artifact"}) + "\n")
+        fh.write(json.dumps({"key": flips[0], "verdict": "genuine"}) + "\n")  # last answer wins
+        fh.write(json.dumps({"key": flips[1], "verdict": "artifact"}) + "\n")
+    manifest = {"study": "synthetic-d", "status": "complete",
+                "fingerprints": {"fp-vllm": {"vllm": "0.19.1", "torch": "2.10.0", "device": "H100"},
+                                 "fp-vllm-invariant": {"vllm": "0.19.1", "env": {"VLLM_BATCH_INVARIANT": "1"}}},
+                "evidence": {"vllm-invariant": {"batch_invariant_override": "registered"}},
+                "plugins": [{"name": "evalhost.plugins.backends.vllm", "version": "0.1.0"}]}
+    (run_dir / "manifest.json").write_text(json.dumps(manifest))
+    return records
+
+
+def _strict_json(path: Path):
+    def bad(const):
+        raise AssertionError(f"non-standard JSON constant {const} in {path}")
+    return json.loads(path.read_text(), parse_constant=bad)
+
+
+def test_report_writes_markdown_summary_and_plots(tmp_path):
+    run = tmp_path / "run1"
+    build_run(run)
+    report = write_report(run, seed=3)
+    assert report == run / "report.md"
+    md = report.read_text()
+    assert "| Mode | Records | OK | Label flips | Label-flip rate | Text changes | Text-change rate |" in md
+    assert "| vllm | 55 | 55 | 22 | 40.0% [28.1%, 53.2%] | 25 | 45.5% [33.0%, 58.5%] |" in md
+    assert "| vllm-invariant | 55 | 55 | 0 | 0.0% [0.0%, 6.5%] | 0 | 0.0% [0.0%, 6.5%] |" in md
+    assert "## Study D" in md and "McNemar p = 4.77e-07" in md and "McNemar p = 5.96e-08" in md
+    assert "| vllm flip, vllm-invariant non-flip | 22 |" in md
+    assert "## Study B" in md and "## Study C" in md and "## Adjudication" in md and "## Per-cell invariance" in md
+    assert "fp-vllm-invariant" in md and "batch_invariant_override" in md
+
+    summary = _strict_json(run / "summary.json")
+    assert summary["overall"]["label_flips"]["k"] == 22
+    assert summary["study_d"][0]["label"]["a_only"] == 22
+    adj = summary["adjudication"]
+    assert (adj["genuine"], adj["artifact"], adj["raw_flips"]) == (1, 1, 22)
+    assert summary["run"]["study"] == "synthetic-d"
+
+    images = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", md)
+    assert {"plots/rates_by_model.png", "plots/label_pairs.png", "plots/first_divergence.png",
+            "plots/study_d_0.png", "plots/study_b_scatter.png", "plots/invariance.png"} <= set(images)
+    for rel in images:
+        data = (run / rel).read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
+    assert set(summary["plots"].values()) == set(images)
+
+
+def test_report_without_plots_and_single_backend(tmp_path):
+    run = tmp_path / "run2"
+    records = [r for r in build_run(run) if r["backend"] == "vllm" and r["model"] == "qwen2.5-1.5b"]
+    for r in records:
+        r.pop("arm", None)
+    (run / "records.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    (run / "adjudications.jsonl").unlink()
+    (run / "manifest.json").unlink()
+    md = write_report(run, plots=False).read_text()
+    for absent in ("## Study D", "## Study B", "## Study C", "## Adjudication", "!["):
+        assert absent not in md
+    assert _strict_json(run / "summary.json")["counts"]["pairs"] == 26
+
+
+class _Section:
+    @hookimpl
+    def report_sections(self, summary, records):
+        return f"## Extra from a plugin\n\n{summary['counts']['pairs']} pairs, {len(records)} records."
+
+
+class _Broken:
+    @hookimpl
+    def report_sections(self, summary, records):
+        raise RuntimeError("boom")
+
+
+def test_plugin_sections_are_appended_and_failures_named(tmp_path):
+    from evalhost.registry import get_registry
+
+    pm = get_registry().pm
+    good, bad = _Section(), _Broken()
+    pm.register(good, name="test-extra")
+    pm.register(bad, name="test-broken")
+    try:
+        run = tmp_path / "run3"
+        records = build_run(run)
+        md = write_report(run, plots=False).read_text()
+    finally:
+        pm.unregister(good)
+        pm.unregister(bad)
+    assert f"## Extra from a plugin\n\n110 pairs, {len(records)} records." in md
+    assert "plugin 'test-broken' failed in report_sections: RuntimeError: boom" in md
+
+
+def test_run_without_pairs_says_so(tmp_path):
+    run = tmp_path / "run4"
+    records = [r for r in build_run(run) if r["condition"] == "solo"]
+    (run / "records.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    md = write_report(run, plots=False).read_text()
+    assert "there are no pairs to compare" in md and "## Breakdowns" not in md
+    assert "## Per-cell invariance" in md  # solo repeats are still reported
+
+
+def test_missing_records_is_one_clear_sentence(tmp_path):
+    with pytest.raises(UserError, match="no records.jsonl"):
+        write_report(tmp_path)
+    with pytest.raises(UserError, match="does not exist"):
+        write_report(tmp_path / "nope")
