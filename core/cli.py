@@ -26,10 +26,12 @@ def cli() -> None:
 @click.option("--address", default=None, help="Ray cluster address (ray executor); default: start a local Ray.")
 @click.option("--target-mde", type=float, default=None,
               help="With --dry-run: items per composition arm needed to detect this effect (percentage points).")
+@click.option("--baseline", type=float, default=None,
+              help="Baseline flip rate in percent for --target-mde (default: worst case, an upper bound).")
 @click.option("--no-report", is_flag=True, help="Do not write report.md at the end.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @click.option("--no-solo-cache", is_flag=True, help="Always generate solo baselines (do not reuse cached ones).")
-def run(study, dry_run, resume, executor, address, target_mde, no_report, quiet, no_solo_cache):
+def run(study, dry_run, resume, executor, address, target_mde, baseline, no_report, quiet, no_solo_cache):
     """Run STUDY (a TOML file); records go to a new run directory."""
     import os
 
@@ -44,9 +46,13 @@ def run(study, dry_run, resume, executor, address, target_mde, no_report, quiet,
     if target_mde is not None:
         from .stats import items_needed
 
-        n = items_needed(target_mde)
-        click.echo(f"to detect a {target_mde:g} pp difference between two composition arms (80% power, alpha 0.05) "
-                   f"you need about {n} items per arm")
+        try:
+            n = items_needed(target_mde, None if baseline is None else baseline / 100.0)
+        except ValueError as exc:
+            raise UserError(f"--target-mde/--baseline: {exc}")
+        base = "the worst-case baseline (an upper bound)" if baseline is None else f"a {baseline:g}% baseline"
+        click.echo(f"to detect a {target_mde:g} pp difference between two composition arms over {base} "
+                   f"(80% power, alpha 0.05, two-sided) you need about {n} items per arm")
 
 
 @cli.command()
