@@ -148,8 +148,7 @@ _add_optional_commands()
 def main(argv=None) -> None:
     try:
         cli.main(args=argv, prog_name="evalhost", standalone_mode=False)
-    except click.exceptions.Abort:
-        click.echo("aborted", err=True)
+    except click.exceptions.Abort:  # Ctrl-C (the run loop has already said how to resume)
         sys.exit(130)
     except click.ClickException as exc:
         exc.show()
@@ -158,10 +157,9 @@ def main(argv=None) -> None:
         click.echo(f"error: {exc}", err=True)
         sys.exit(exc.exit_code)
     except RunError as exc:
-        click.echo(f"error: {exc}; records written so far are kept (resume with --resume RUN_DIR)", err=True)
+        click.echo(f"error: {exc}", err=True)
         sys.exit(exc.exit_code)
     except KeyboardInterrupt:
-        click.echo("interrupted; records written so far are kept (resume with --resume RUN_DIR)", err=True)
         sys.exit(130)
 
 

@@ -286,9 +286,13 @@ def run_study(study: Study, resume: Path | None = None, executor: str = "local",
         manifest["executor"] = facts or {"executor": executor}
     except KeyboardInterrupt:
         status = "interrupted"
+        print(f"interrupted; {len(done)} records kept. Resume with: evalhost run {study.path} --resume {run_dir}",
+              file=sys.stderr)
         raise
     except Exception as exc:
         status = f"stopped: {exc}"
+        print(f"stopped; {len(done)} records kept. Resume with: evalhost run {study.path} --resume {run_dir}",
+              file=sys.stderr)
         raise
     finally:
         bar.stop()
