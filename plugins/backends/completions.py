@@ -1,0 +1,432 @@
+"""Shared client for OpenAI-compatible ``/v1/completions`` endpoints, and the base class of the server backends.
+
+:class:`CompletionsClient` sends one request (sync with ``httpx.Client`` or async with ``httpx.AsyncClient``) and
+retries, with bounded exponential backoff, on connection errors, timeouts, HTTP 429/5xx and malformed answers
+(wrong number of choices, missing text).  Between attempts it calls a ``recover`` hook: the managed vLLM backend
+uses it to restart a dead or hung server.  A result is returned only when every prompt of the request has a complete
+choice; otherwise :class:`RunError` — never a partial or misordered output.
+
+The API key (if any) lives only in the ``Authorization`` header of the HTTP client; it is redacted from every
+message this module produces.
+"""
+from __future__ import annotations
+
+import asyncio
+import difflib
+import os
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from evalhost.errors import RunError, UserError
+from evalhost.types import Backend, Generation, Sampling, TaskItem
+
+RETRY_STATUS = {408, 429, 500, 502, 503, 504}
+
+
+@dataclass
+class Failure:
+    """Why an attempt failed: ``kind`` is ``connect`` | ``timeout`` | ``http`` | ``bad_response`` | ``protocol``."""
+
+    kind: str
+    message: str
+    status: int | None = None
+
+
+@dataclass
+class Outcome:
+    choices: list[dict[str, Any]]
+    attempts: int
+    restarted: bool
+    sent: float
+    finished: float
+    first_sent: float
+    failures: list[str] = field(default_factory=list)
+
+
+class RequestRejected(RunError):
+    """The endpoint answered 4xx (not retryable): the request itself is wrong."""
+
+    def __init__(self, message: str, status: int, body: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.body = body
+
+
+def check_option_keys(backend: str, options: dict[str, Any], known: dict[str, Any]) -> None:
+    """UserError for an unknown key (with a did-you-mean) or a value of the wrong type.
+
+    ``known`` maps option name -> accepted type(s) (``None`` for any).
+    """
+    for key, value in options.items():
+        if key not in known:
+            hint = difflib.get_close_matches(key, list(known), n=1)
+            msg = f"backend '{backend}' has no option '{key}'"
+            if hint:
+                msg += f" (did you mean '{hint[0]}'?)"
+            raise UserError(msg + f"; its options are: {', '.join(sorted(known))}")
+        types = known[key]
+        if types is None or value is None:
+            continue
+        if not isinstance(types, tuple):
+            types = (types,)
+        ok = isinstance(value, types) and not (isinstance(value, bool) and bool not in types)
+        if not ok:
+            names = " or ".join(t.__name__ for t in types)
+            raise UserError(f"backend '{backend}' option '{key}' must be {names}, not {value!r}; fix it in the study file")
+
+
+class CompletionsClient:
+    """POST ``/v1/completions`` with retries. ``recover(failure, incarnation) -> None`` runs before each retry."""
+
+    def __init__(
+        self,
+        base_url: str,
+        *,
+        api_key: str | None = None,
+        request_timeout_s: float = 600.0,
+        max_retries: int = 4,
+        backoff_s: float = 0.5,
+        backoff_max_s: float = 8.0,
+        recover: Callable[[Failure, int], None] | None = None,
+        incarnation: Callable[[], int] | None = None,
+        log: Callable[[str], None] = print,
+    ) -> None:
+        self.base_url = base_url.rstrip("/")
+        if self.base_url.endswith("/v1"):
+            self.base_url = self.base_url[: -len("/v1")]
+        self._api_key = api_key or None
+        self.request_timeout_s = float(request_timeout_s)
+        self.max_retries = int(max_retries)
+        self.backoff_s = float(backoff_s)
+        self.backoff_max_s = float(backoff_max_s)
+        self.recover = recover
+        self.incarnation = incarnation or (lambda: 0)
+        self.log = log
+        self._client = None
+        self._lock = threading.Lock()
+
+    # -- plumbing ----------------------------------------------------------------------------
+    def _headers(self) -> dict[str, str]:
+        headers = {"Content-Type": "application/json"}
+        if self._api_key:
+            headers["Authorization"] = f"Bearer {self._api_key}"
+        return headers
+
+    def _timeout(self):
+        import httpx
+
+        return httpx.Timeout(self.request_timeout_s, connect=min(10.0, self.request_timeout_s))
+
+    def redact(self, text: str) -> str:
+        if self._api_key:
+            text = text.replace(self._api_key, "***")
+        return text
+
+    def client(self):
+        import httpx
+
+        with self._lock:
+            if self._client is None:
+                self._client = httpx.Client(headers=self._headers(), timeout=self._timeout())
+            return self._client
+
+    def close(self) -> None:
+        with self._lock:
+            if self._client is not None:
+                self._client.close()
+                self._client = None
+
+    def get(self, path: str, timeout: float = 10.0):
+        return self.client().get(self.base_url + path, timeout=timeout)
+
+    def _backoff(self, attempt: int) -> float:
+        return min(self.backoff_max_s, self.backoff_s * (2 ** (attempt - 1)))
+
+    @staticmethod
+    def _classify(exc: Exception) -> Failure:
+        import httpx
+
+        if isinstance(exc, httpx.TimeoutException):
+            return Failure("timeout", f"timed out ({type(exc).__name__})")
+        if isinstance(exc, httpx.ConnectError):
+            return Failure("connect", f"connection failed ({exc})")
+        return Failure("protocol", f"{type(exc).__name__}: {exc}")
+
+    def _check(self, response, n: int) -> tuple[list[dict[str, Any]] | None, Failure | None]:
+        status = response.status_code
+        if status >= 400:
+            body = self.redact(response.text[:500])
+            if status in RETRY_STATUS:
+                return None, Failure("http", f"HTTP {status}: {body}", status)
+            raise RequestRejected(
+                f"{self.base_url}/v1/completions rejected the request with HTTP {status}: {body}", status, body
+            )
+        try:
+            data = response.json()
+            choices = data["choices"]
+        except Exception:
+            return None, Failure("bad_response", f"answer is not a completions JSON object: {response.text[:200]!r}")
+        by_index: dict[int, dict[str, Any]] = {}
+        for pos, choice in enumerate(choices):
+            if not isinstance(choice, dict) or not isinstance(choice.get("text"), str):
+                return None, Failure("bad_response", "a choice has no text")
+            index = choice.get("index", pos)
+            if not isinstance(index, int) or index in by_index or not 0 <= index < n:
+                return None, Failure("bad_response", f"choice index {index!r} is invalid or repeated")
+            by_index[index] = choice
+        if len(by_index) != n:
+            return None, Failure("bad_response", f"{len(by_index)} choices for {n} prompts")
+        return [by_index[i] for i in range(n)], None
+
+    def _give_up(self, failures: list[str], n: int) -> RunError:
+        return RunError(
+            f"{self.base_url}/v1/completions failed {len(failures)} times for a request of {n} prompt(s) "
+            f"(last: {failures[-1]}); check the server log, or raise max_retries / request_timeout_s"
+        )
+
+    # -- requests ----------------------------------------------------------------------------
+    def complete(self, payload: dict[str, Any], n: int) -> Outcome:
+        """Send ``payload``; return the ``n`` choices ordered by ``index`` (sync)."""
+        url = self.base_url + "/v1/completions"
+        failures: list[str] = []
+        start_inc = self.incarnation()
+        first_sent = time.time()
+        for attempt in range(1, self.max_retries + 2):
+            inc = self.incarnation()
+            sent = time.time()
+            try:
+                response = self.client().post(url, json=payload)
+                choices, failure = self._check(response, n)
+            except RequestRejected:
+                raise
+            except Exception as exc:  # httpx errors and anything the transport raises
+                choices, failure = None, self._classify(exc)
+            if failure is None:
+                return Outcome(choices, attempt, self.incarnation() != start_inc, sent, time.time(), first_sent,
+                               failures)
+            failures.append(self.redact(failure.message))
+            if attempt > self.max_retries:
+                break
+            self.log(f"request to {url} failed ({failures[-1][:200]}); retry {attempt}/{self.max_retries}")
+            if self.recover is not None:
+                self.recover(failure, inc)
+            if self.incarnation() == inc:  # nothing restarted: back off before the next attempt
+                time.sleep(self._backoff(attempt))
+        raise self._give_up(failures, n)
+
+    async def acomplete(self, payload: dict[str, Any], n: int = 1) -> Outcome:
+        """Like :meth:`complete`, with a fresh ``httpx.AsyncClient`` (safe across event loops)."""
+        import httpx
+
+        url = self.base_url + "/v1/completions"
+        failures: list[str] = []
+        start_inc = self.incarnation()
+        first_sent = time.time()
+        async with httpx.AsyncClient(headers=self._headers(), timeout=self._timeout()) as client:
+            for attempt in range(1, self.max_retries + 2):
+                inc = self.incarnation()
+                sent = time.time()
+                try:
+                    response = await client.post(url, json=payload)
+                    choices, failure = self._check(response, n)
+                except RequestRejected:
+                    raise
+                except Exception as exc:
+                    choices, failure = None, self._classify(exc)
+                if failure is None:
+                    return Outcome(choices, attempt, self.incarnation() != start_inc, sent, time.time(),
+                                   first_sent, failures)
+                failures.append(self.redact(failure.message))
+                if attempt > self.max_retries:
+                    break
+                self.log(f"request to {url} failed ({failures[-1][:200]}); retry {attempt}/{self.max_retries}")
+                if self.recover is not None:
+                    await asyncio.to_thread(self.recover, failure, inc)
+                if self.incarnation() == inc:
+                    await asyncio.sleep(self._backoff(attempt))
+        raise self._give_up(failures, n)
+
+
+def payload_for(model: str, prompt: str | list[str], sampling: Sampling, return_token_ids: bool) -> dict[str, Any]:
+    payload: dict[str, Any] = {
+        "model": model,
+        "prompt": prompt,
+        "temperature": sampling.temperature,
+        "top_p": sampling.top_p,
+        "max_tokens": sampling.max_tokens,
+        "seed": sampling.seed,
+    }
+    if sampling.logprobs is not None:
+        payload["logprobs"] = sampling.logprobs
+    if return_token_ids:
+        payload["return_token_ids"] = True
+    return payload
+
+
+class CompletionsBackend(Backend):
+    """Base of backends that talk to a ``/v1/completions`` endpoint (``vllm``, ``vllm-invariant``, ``openai``).
+
+    Subclasses set :attr:`client`, :attr:`served_model` and :attr:`base_url` in :meth:`start`.
+    Rendering applies the model's chat template client-side with a lazily loaded transformers tokenizer.
+    """
+
+    plugin_name = "completions"
+    COMMON_OPTIONS: dict[str, Any] = {
+        "chat_template": bool,
+        "tokenizer": str,
+        "request_timeout_s": (int, float),
+        "max_retries": int,
+        "backoff_s": (int, float),
+        "return_token_ids": (bool, str),
+        "label": str,
+    }
+
+    def __init__(self, model, options, context) -> None:
+        super().__init__(model, options, context)
+        self.client: CompletionsClient | None = None
+        self.served_model: str | None = None
+        self.base_url: str | None = None
+        self._tokenizer = None
+        self._tokenizer_loaded = False
+        self._tokenizer_lock = threading.Lock()
+        self.token_ids_source = "unknown"  # "server" (return_token_ids) or "retokenized" (client tokenizer)
+        self._server_token_ids: bool | None = None
+
+    @property
+    def label(self) -> str:
+        raw = self.options.get("label") or f"{self.model.name}-{self.plugin_name}"
+        return "".join(c if c.isalnum() or c in "-_." else "_" for c in str(raw))
+
+    # -- tokenizer / rendering ---------------------------------------------------------------
+    def _tokenizer_path(self) -> str | None:
+        if self.options.get("tokenizer"):
+            return str(self.options["tokenizer"])
+        if not self.model.path:
+            return None
+        from evalhost.models import resolve_model_path
+
+        return resolve_model_path(self.model.path, log=self.context.log)
+
+    def tokenizer(self):
+        """The model's tokenizer (local files only), or None when none is available."""
+        with self._tokenizer_lock:
+            if not self._tokenizer_loaded:
+                self._tokenizer_loaded = True
+                path = self._tokenizer_path()
+                if path is not None:
+                    try:
+                        from transformers import AutoTokenizer
+
+                        self._tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+                    except Exception as exc:
+                        if self.options.get("tokenizer") or self.options.get("chat_template"):
+                            raise UserError(
+                                f"cannot load the tokenizer from {path} ({type(exc).__name__}); set the backend "
+                                f"option tokenizer to a local checkpoint directory, or chat_template = false"
+                            ) from None
+                        self._tokenizer = None
+            return self._tokenizer
+
+    def uses_chat_template(self) -> bool:
+        wanted = self.options.get("chat_template")
+        if wanted is False:
+            return False
+        tok = self.tokenizer()
+        has = tok is not None and bool(getattr(tok, "chat_template", None))
+        if wanted and not has:
+            raise UserError(
+                f"backend option chat_template = true, but the tokenizer of model '{self.model.name}' has no chat "
+                f"template; set chat_template = false or point the option tokenizer at one that has"
+            )
+        return has
+
+    def render(self, item: TaskItem) -> str:
+        if self.uses_chat_template():
+            return self.tokenizer().apply_chat_template(item.chat(), add_generation_prompt=True, tokenize=False)
+        return item.plain_text()
+
+    # -- return_token_ids support ------------------------------------------------------------
+    def probe_token_ids(self) -> None:
+        """Decide whether the server returns generated token ids (vLLM >= 0.10 ``return_token_ids``)."""
+        setting = self.options.get("return_token_ids", "auto")
+        if setting is False or setting == "false":
+            self._server_token_ids = False
+        else:
+            probe = payload_for(self.served_model, "Hi", Sampling(max_tokens=1), True)
+            try:
+                out = self.client.complete(probe, 1)
+                self._server_token_ids = isinstance(out.choices[0].get("token_ids"), list)
+            except RequestRejected:
+                self._server_token_ids = False
+            if setting is True and not self._server_token_ids:
+                raise UserError(
+                    f"backend option return_token_ids = true, but {self.base_url} does not return token ids; "
+                    f"remove the option to let evalhost re-tokenize the text instead"
+                )
+        self.token_ids_source = "server" if self._server_token_ids else "retokenized"
+        if not self._server_token_ids:
+            self.context.log(f"{self.label}: the server does not return token ids; re-tokenizing output text "
+                             f"client-side (recorded in the fingerprint)")
+
+    def _payload(self, prompt: str | list[str], sampling: Sampling) -> dict[str, Any]:
+        if self.client is None:
+            self.start()
+        return payload_for(self.served_model, prompt, sampling, bool(self._server_token_ids))
+
+    def _generation(self, choice: dict[str, Any], out: Outcome) -> Generation:
+        token_ids = choice.get("token_ids")
+        if not isinstance(token_ids, list):
+            tok = self.tokenizer()
+            token_ids = tok.encode(choice["text"], add_special_tokens=False) if tok is not None else []
+        logprobs = None
+        lp = choice.get("logprobs")
+        if isinstance(lp, dict) and isinstance(lp.get("token_logprobs"), list):
+            logprobs = lp["token_logprobs"]
+        extra: dict[str, Any] = {}
+        if out.attempts > 1:
+            extra["first_sent"] = out.first_sent
+            extra["failures"] = out.failures
+        if choice.get("stop_reason") is not None:
+            extra["stop_reason"] = choice["stop_reason"]
+        return Generation(
+            text=choice["text"],
+            token_ids=[int(t) for t in token_ids],
+            finish_reason=choice.get("finish_reason") or "unknown",
+            timings={"sent": out.sent, "finished": out.finished},
+            attempts=out.attempts,
+            restarted=out.restarted,
+            logprobs=logprobs,
+            extra=extra,
+        )
+
+    def generate(self, prompts: list[str], sampling: Sampling) -> list[Generation]:
+        """One request whose ``prompt`` is the list (a single prompt is sent as a string)."""
+        if not prompts:
+            return []
+        prompt: str | list[str] = prompts[0] if len(prompts) == 1 else list(prompts)
+        out = self.client_or_start().complete(self._payload(prompt, sampling), len(prompts))
+        return [self._generation(choice, out) for choice in out.choices]
+
+    async def agenerate(self, prompt: str, sampling: Sampling) -> Generation:
+        out = await self.client_or_start().acomplete(self._payload(prompt, sampling), 1)
+        return self._generation(out.choices[0], out)
+
+    def client_or_start(self) -> CompletionsClient:
+        if self.client is None:
+            self.start()
+        return self.client
+
+    def close(self) -> None:
+        if self.client is not None:
+            self.client.close()
+
+    # -- provenance --------------------------------------------------------------------------
+    def env_flags(self, extra_env: dict[str, str] | None = None) -> dict[str, str]:
+        """Numerics-relevant environment flags (never secrets)."""
+        prefixes = ("VLLM_", "CUBLAS_", "CUDA_", "NCCL_", "TORCH_", "PYTORCH_", "OMP_", "MKL_")
+        env = {k: v for k, v in os.environ.items() if k.startswith(prefixes)}
+        env.update({str(k): str(v) for k, v in (extra_env or {}).items()})
+        secretish = ("KEY", "TOKEN", "SECRET", "PASSWORD")
+        return {k: ("***" if any(s in k.upper() for s in secretish) else v) for k, v in sorted(env.items())}

