@@ -73,7 +73,21 @@ def execute_work(work: BackendWork, sampling: Sampling, context: RunContext, ski
               "model": asdict(work.model), **backend.fingerprint()}
         yield BackendStarted(work.label, fp, backend.evidence())
         cache = SoloCache(context.cache_dir, fp) if solo_enabled() else None
+        fleet = max(1, int(backend.solo_parallelism()))
         rendered: dict[tuple[str, str], str] = {}
+        pending: list[tuple[Job, Group]] = []  # solo groups waiting for a free fleet slot
+
+        def run_pending() -> list[GroupDone]:
+            gens = backend.generate_solo_many([g.prompts[0] for _, g in pending], sampling)
+            out = []
+            for (job, group), gen in zip(pending, gens):
+                if cache is not None and job.repeat == 0:
+                    cache.put(group.prompts[0], sampling, gen)
+                out.append(GroupDone(job, group.prompts, GroupResult([gen], {
+                    "mode": "solo", "fleet": fleet, "replica": gen.extra.get("replica")})))
+            pending.clear()
+            return out
+
         for job in todo:
             d = job.dispatcher
             if d.label not in dispatchers:
@@ -85,18 +99,27 @@ def execute_work(work: BackendWork, sampling: Sampling, context: RunContext, ski
                     rendered[key] = backend.render(item)
                 members.append(Member(item, rendered[key], role))
             group = Group(job.group_id, tuple(members))
-            cacheable = cache is not None and job.condition == "solo" and job.repeat == 0
-            hit = cache.get(group.prompts[0], sampling) if cacheable else None
+            solo = job.condition == "solo"
+            hit = cache.get(group.prompts[0], sampling) if cache is not None and solo and job.repeat == 0 else None
             if hit is not None:
-                result = GroupResult([hit], {"mode": "solo", "solo_cache": "hit"})
-            else:
-                result = dispatchers[d.label].run_group(backend, group, sampling)
-                if cacheable and len(result.generations) == 1:
-                    cache.put(group.prompts[0], sampling, result.generations[0])
+                yield GroupDone(job, group.prompts, GroupResult([hit], {"mode": "solo", "solo_cache": "hit"}))
+                continue
+            if solo and fleet > 1:
+                pending.append((job, group))
+                if len(pending) >= fleet:
+                    yield from run_pending()
+                continue
+            if pending:
+                yield from run_pending()
+            result = dispatchers[d.label].run_group(backend, group, sampling)
             if len(result.generations) != len(members):
                 raise RunError(f"dispatcher '{d.label}' returned {len(result.generations)} generations for a group "
                                f"of {len(members)}; this is a bug in the dispatcher plugin")
+            if solo and cache is not None and job.repeat == 0:
+                cache.put(group.prompts[0], sampling, result.generations[0])
             yield GroupDone(job, group.prompts, result)
+        if pending:
+            yield from run_pending()
     finally:
         backend.close()
 

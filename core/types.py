@@ -185,6 +185,16 @@ class Backend:
         """One single-prompt request that may run concurrently with others (backends with CONCURRENT)."""
         raise NotImplementedError
 
+    def solo_parallelism(self) -> int:
+        """How many solo prompts :meth:`generate_solo_many` runs at once, each strictly alone on its own engine
+        replica (a *solo fleet*). 1 = no fleet: solo prompts run one after another."""
+        return 1
+
+    def generate_solo_many(self, prompts: list[str], sampling: Sampling) -> list[Generation]:
+        """Run each prompt *solo* (batch size 1 on its engine), up to :meth:`solo_parallelism` at a time on
+        separate replicas. Outputs must be what ``generate([p])`` gives; the default is exactly that, sequentially."""
+        return [self.generate([p], sampling)[0] for p in prompts]
+
     # -- provenance -------------------------------------------------------------------------
     def fingerprint(self) -> dict[str, Any]:
         """Stack fingerprint: package versions, device, server args, env flags that change numerics."""
