@@ -424,16 +424,19 @@ def export_candidates(records: Sequence[Mapping[str, Any]]) -> list[dict[str, An
     task_of: dict[tuple, dict[str, Any]] = defaultdict(dict)
     for r in records:
         task_of[(r.get("model"), r.get("backend"), r.get("group_id"))][str(r.get("item_id"))] = r.get("task")
+    by_key = {r.get("key"): r for r in records}
     out = []
     for p in pair(records):
         if not (p["label_flip"] or p["text_change"]):
             continue
+        rec = by_key.get(p["key"], {})
         known = task_of.get((p["model"], p["backend"], p["group_id"]), {})
         peer_tasks = [known.get(str(i)) for i in p["peers"]]
         out.append({
             "kind": "label_flip" if p["label_flip"] else "text_change",
             "key": p["key"], "study": p.get("study"), "phase": p.get("phase"),
             "model": p["model"], "backend": p["backend"], "task": p["task"], "item_id": p["item_id"],
+            "task_source": rec.get("task_source"), "scorer": rec.get("scorer"),
             "domain": p.get("domain"), "batch_size": p["batch_size"], "dispatcher": p["dispatcher"],
             "group_id": p["group_id"], "position": p.get("position"), "repeat": p["repeat"], "peers": p["peers"],
             "peer_tasks": peer_tasks if any(t is not None for t in peer_tasks) else None,

@@ -165,6 +165,7 @@ def build_records(study: Study, run_id: str, done: GroupDone, fid: str, scorers:
             "scorer": scorer, "label": score.label, "score": score.value, "rationale": score.rationale,
             "timings": t, "attempts": gen.attempts, "restarted": gen.restarted,
             "dispatch_evidence": result.evidence, "fingerprint_id": fid,
+            "candidate_kind": item.metadata.get("candidate", {}).get("kind"),
         })
     return out
 

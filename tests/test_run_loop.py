@@ -146,3 +146,38 @@ def test_solo_cache_reuses_baselines_only_on_the_same_stack(tmp_path, toy_env, m
     monkeypatch.setenv("EVALHOST_SOLO_CACHE", "0")
     fourth = read_records(run_file(study, progress=False, report=False, out=lambda s: None) / "records.jsonl")
     assert all(r["dispatch_evidence"].get("solo_cache") != "hit" for r in fourth if r["condition"] == "solo")
+
+
+def test_candidates_rerun_in_their_original_groups(tmp_path, toy_env, monkeypatch):
+    """Study A -> `evalhost candidates` -> Study D: each flip row runs solo and in its reconstructed group."""
+    from click.testing import CliRunner
+
+    from evalhost.cli import cli
+
+    monkeypatch.setenv("EVALHOST_SOLO_CACHE", "0")
+    study = _study(tmp_path, n_items=16)
+    first = run_file(study, progress=False, report=False, out=lambda s: None)
+    original = {r["key"]: r for r in read_records(first / "records.jsonl")}
+    cand = tmp_path / "candidates.jsonl"
+    result = CliRunner().invoke(cli, ["candidates", str(first), "-o", str(cand)])
+    assert result.exit_code == 0, result.output
+    rows = [json.loads(line) for line in cand.read_text().splitlines()]
+    assert rows and all(r["kind"] == "label_flip" for r in rows)
+    d = tmp_path / "study_d.toml"
+    d.write_text(study.read_text()
+                 .replace('name = "toy"\n', 'name = "toy_d"\n', 1)
+                 .replace('[[backends]]\nname = "toy"', '[[backends]]\nname = "toy"\nlabel = "a"\n\n'
+                                                        '[[backends]]\nname = "toy"\nlabel = "b"')
+                 .replace(f'source = "jsonl:{tmp_path / "tasks.jsonl"}"', 'source = "candidates:candidates.jsonl"'))
+    second = run_file(d, progress=False, report=False, out=lambda s: None)
+    records = read_records(second / "records.jsonl")
+    assert validate_run(second)["errors"] == []
+    for backend in ("a", "b"):
+        batch = [r for r in records if r["backend"] == backend and r["condition"] == "batch"]
+        assert len(batch) == len(rows)
+        for r, row in zip(sorted(batch, key=lambda r: r["item_id"]), sorted(rows, key=lambda r: r["item_id"] + "@")):
+            orig = original[row["key"]]
+            assert r["peers"] == orig["peers"] and r["position"] == orig["position"]
+            assert r["batch_size"] == orig["batch_size"] and r["task"] == orig["task"]
+            assert r["output_sha256"] == orig["output_sha256"]  # the toy backend is deterministic per group
+            assert r["candidate_kind"] == "label_flip"
