@@ -1,0 +1,32 @@
+"""``prompt_list``: the whole group as one true batch, one ``backend.generate(prompts)`` call.
+
+For the vLLM/OpenAI backends that is ONE ``/v1/completions`` request whose ``prompt`` is the list (the engine
+schedules the prompts together); for the HF backend one left-padded ``generate``. Needs capability ``prompt_list``.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from evalhost.hookspecs import hookimpl
+from evalhost.types import PROMPT_LIST, Backend, Dispatcher, Group, GroupResult, Sampling
+
+from .solo import check_known_options, expect_count
+
+
+class PromptList(Dispatcher):
+    requires = frozenset({PROMPT_LIST})
+    options_known: tuple[str, ...] = ()
+
+    @classmethod
+    def check_options(cls, options: dict[str, Any]) -> None:
+        check_known_options("prompt_list", options, cls.options_known)
+
+    def run_group(self, backend: Backend, group: Group, sampling: Sampling) -> GroupResult:
+        prompts = group.prompts
+        generations = expect_count("prompt_list", backend, backend.generate(prompts, sampling), len(prompts))
+        return GroupResult(generations, {"mode": "prompt_list", "requests": 1, "size": len(prompts)})
+
+
+@hookimpl
+def register_dispatchers(register):
+    register("prompt_list", PromptList)
