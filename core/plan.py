@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import random
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -187,10 +187,15 @@ def build_plan(study: Study, registry: Registry) -> Plan:
                         if explicit:
                             work.jobs += _explicit_jobs(explicit, model, backend, task, disp, r, study)
                             continue
+                        # a dispatcher with a fixed group_size (continuous: one target joining a batch of
+                        # fillers) gets groups of that size, and the cell's batch size as its `batch_size` option
+                        fixed = getattr(registry.get("dispatcher", disp.plugin), "group_size", None)
                         for bs in disp.batch_sizes:
                             cell = cell_id(model.name, backend.label, task.name, disp.label, bs)
-                            for g, members in enumerate(make_groups(items, bs, study.seed, task.name)):
-                                work.jobs.append(Job(cell, model, backend, task, disp, bs, "batch", r,
+                            d = replace(disp, options={**disp.options, "batch_size": bs}) if fixed else disp
+                            size = fixed or bs
+                            for g, members in enumerate(make_groups(items, size, study.seed, task.name)):
+                                work.jobs.append(Job(cell, model, backend, task, d, bs, "batch", r,
                                                      f"{task.name}:bs{bs}:g{g:04d}", members))
             works.append(work)
     return Plan(study, works, tasks)

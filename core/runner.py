@@ -90,8 +90,9 @@ def execute_work(work: BackendWork, sampling: Sampling, context: RunContext, ski
 
         for job in todo:
             d = job.dispatcher
-            if d.label not in dispatchers:
-                dispatchers[d.label] = registry.get("dispatcher", d.plugin)(d.options, context)
+            dkey = (d.label, json.dumps(d.options, sort_keys=True, default=str))
+            if dkey not in dispatchers:
+                dispatchers[dkey] = registry.get("dispatcher", d.plugin)(d.options, context)
             members = []
             for item, role in job.members:
                 key = (item.task, item.id)
@@ -111,7 +112,7 @@ def execute_work(work: BackendWork, sampling: Sampling, context: RunContext, ski
                 continue
             if pending:
                 yield from run_pending()
-            result = dispatchers[d.label].run_group(backend, group, sampling)
+            result = dispatchers[dkey].run_group(backend, group, sampling)
             if len(result.generations) != len(members):
                 raise RunError(f"dispatcher '{d.label}' returned {len(result.generations)} generations for a group "
                                f"of {len(members)}; this is a bug in the dispatcher plugin")

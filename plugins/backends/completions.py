@@ -216,36 +216,47 @@ class CompletionsClient:
                 time.sleep(self._backoff(attempt))
         raise self._give_up(failures, n)
 
-    async def acomplete(self, payload: dict[str, Any], n: int = 1) -> Outcome:
-        """Like :meth:`complete`, with a fresh ``httpx.AsyncClient`` (safe across event loops)."""
+    def _async_client(self):
         import httpx
 
+        loop = asyncio.get_running_loop()
+        clients = self.__dict__.setdefault("_async_clients", {})
+        client = clients.get(id(loop))
+        if client is None or client.is_closed:
+            limits = httpx.Limits(max_connections=None, max_keepalive_connections=256)
+            client = httpx.AsyncClient(headers=self._headers(), timeout=self._timeout(), limits=limits)
+            clients[id(loop)] = client
+        return client
+
+    async def acomplete(self, payload: dict[str, Any], n: int = 1) -> Outcome:
+        """Like :meth:`complete`, with one ``httpx.AsyncClient`` per event loop (reused, so requests released
+        together leave together instead of each paying for a new connection pool)."""
         url = self.base_url + "/v1/completions"
         failures: list[str] = []
         start_inc = self.incarnation()
         first_sent = time.time()
-        async with httpx.AsyncClient(headers=self._headers(), timeout=self._timeout()) as client:
-            for attempt in range(1, self.max_retries + 2):
-                inc = self.incarnation()
-                sent = time.time()
-                try:
-                    response = await client.post(url, json=payload)
-                    choices, failure = self._check(response, n)
-                except RequestRejected:
-                    raise
-                except Exception as exc:
-                    choices, failure = None, self._classify(exc)
-                if failure is None:
-                    return Outcome(choices, attempt, self.incarnation() != start_inc, sent, time.time(),
-                                   first_sent, failures)
-                failures.append(self.redact(failure.message))
-                if attempt > self.max_retries:
-                    break
-                self.log(f"request to {url} failed ({failures[-1][:200]}); retry {attempt}/{self.max_retries}")
-                if self.recover is not None:
-                    await asyncio.to_thread(self.recover, failure, inc)
-                if self.incarnation() == inc:
-                    await asyncio.sleep(self._backoff(attempt))
+        client = self._async_client()
+        for attempt in range(1, self.max_retries + 2):
+            inc = self.incarnation()
+            sent = time.time()
+            try:
+                response = await client.post(url, json=payload)
+                choices, failure = self._check(response, n)
+            except RequestRejected:
+                raise
+            except Exception as exc:
+                choices, failure = None, self._classify(exc)
+            if failure is None:
+                return Outcome(choices, attempt, self.incarnation() != start_inc, sent, time.time(),
+                               first_sent, failures)
+            failures.append(self.redact(failure.message))
+            if attempt > self.max_retries:
+                break
+            self.log(f"request to {url} failed ({failures[-1][:200]}); retry {attempt}/{self.max_retries}")
+            if self.recover is not None:
+                await asyncio.to_thread(self.recover, failure, inc)
+            if self.incarnation() == inc:
+                await asyncio.sleep(self._backoff(attempt))
         raise self._give_up(failures, n)
 
 
