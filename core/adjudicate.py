@@ -57,12 +57,9 @@ def _read_jsonl(path: Path) -> list[dict[str, Any]]:
 
 
 def _read_records(run_dir: Path) -> list[dict[str, Any]]:
-    path = run_dir / "records.jsonl"
-    if not path.is_file():
-        raise UserError(f"{run_dir} has no records.jsonl; pass the directory of a run (evalhost run writes it)")
-    from .records import read_records
+    from .records import find_records, read_records
 
-    return list(read_records(path))
+    return list(read_records(find_records(run_dir)))
 
 
 def find_flips(records: list[dict[str, Any]]) -> list[tuple[dict[str, Any], dict[str, Any]]]:

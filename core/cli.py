@@ -80,8 +80,9 @@ def report(run_dir):
     """Write report.md, summary.json and plots for RUN_DIR."""
     from .report import write_report
 
-    if not (run_dir / "records.jsonl").is_file():
-        raise UserError(f"{run_dir} has no records.jsonl; pass a run directory made by `evalhost run`")
+    from .records import find_records
+
+    find_records(run_dir)
     click.echo(f"report: {write_report(run_dir)}")
 
 
@@ -114,7 +115,7 @@ def candidates(run_dir, output, text_changes):
     from .analysis import export_candidates
     from .records import read_records
 
-    rows = export_candidates(read_records(run_dir / "records.jsonl"))
+    rows = export_candidates(read_records(run_dir))
     if not text_changes:
         rows = [r for r in rows if r.get("kind", "label_flip") == "label_flip"]
     if output.exists():

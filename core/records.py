@@ -15,6 +15,16 @@ from typing import Any, Iterable
 from .errors import UserError
 
 RECORDS = "records.jsonl"
+ARCHIVED = "records.jsonl.gz"  # a finished run's records, compressed for committing (read-only)
+
+
+def find_records(run_dir: str | Path) -> Path:
+    """The records file of a run directory (``records.jsonl``, or ``records.jsonl.gz`` for an archived run)."""
+    run_dir = Path(run_dir)
+    for name in (RECORDS, ARCHIVED):
+        if (run_dir / name).is_file():
+            return run_dir / name
+    raise UserError(f"{run_dir} has no {RECORDS}; pass a run directory made by `evalhost run`")
 
 
 def dumps(record: dict[str, Any]) -> str:
@@ -26,12 +36,18 @@ def read_records(path: str | Path, strict: bool = False) -> list[dict[str, Any]]
     when ``strict`` (``evalhost validate``) and is skipped otherwise."""
     path = Path(path)
     if path.is_dir():
-        path = path / RECORDS
+        path = find_records(path)
     if not path.exists():
         return []
     out: list[dict[str, Any]] = []
-    with path.open("rb") as fh:
-        lines = fh.read().split(b"\n")
+    if path.suffix == ".gz":
+        import gzip
+
+        with gzip.open(path, "rb") as fh:
+            lines = fh.read().split(b"\n")
+    else:
+        with path.open("rb") as fh:
+            lines = fh.read().split(b"\n")
     last = len(lines) - 1
     for n, raw in enumerate(lines):
         if not raw.strip():

@@ -18,23 +18,9 @@ VERDICTS = ("genuine", "artifact", "skip")
 
 # -- inputs -----------------------------------------------------------------------------------------------------
 def _read_records(run_dir: Path) -> list[dict[str, Any]]:
-    path = run_dir / "records.jsonl"
-    if not path.exists():
-        raise UserError(f"no records.jsonl in {run_dir}; pass the directory of a run (`evalhost run` writes it)")
-    try:
-        from .records import read_records
-    except ImportError:  # records module not available: read the JSONL ourselves (a torn last line is ignored)
-        out = []
-        for line in path.read_text(encoding="utf-8").splitlines():
-            line = line.strip()
-            if not line:
-                continue
-            try:
-                out.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue
-        return out
-    return list(read_records(path))
+    from .records import find_records, read_records
+
+    return read_records(find_records(run_dir))
 
 
 def _read_adjudications(run_dir: Path) -> dict[str, str]:

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import UserError
-from .records import RECORDS, read_records
+from .records import find_records, read_records
 
 REQUIRED: dict[str, type | tuple] = {
     "key": str, "study": str, "cell": str, "model": str, "backend": str, "dispatcher": str, "batch_size": int,
@@ -20,11 +20,10 @@ REQUIRED: dict[str, type | tuple] = {
 
 def validate_run(run_dir: str | Path) -> dict[str, Any]:
     run_dir = Path(run_dir)
-    if not (run_dir / RECORDS).is_file():
-        raise UserError(f"{run_dir} has no {RECORDS}; pass a run directory made by `evalhost run`")
+    path = find_records(run_dir)
     errors: list[str] = []
     try:
-        records = read_records(run_dir / RECORDS, strict=True)
+        records = read_records(path, strict=True)
     except UserError as exc:
         return {"records": 0, "errors": [str(exc)]}
     manifest = {}
