@@ -146,6 +146,11 @@ def _add_optional_commands() -> None:
 _add_optional_commands()
 
 
+def one_line(text: str) -> str:
+    """A user error is one line: line breaks and other control characters that came from the input are escaped."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
 def main(argv=None) -> None:
     try:
         cli.main(args=argv, prog_name="evalhost", standalone_mode=False)
@@ -155,7 +160,7 @@ def main(argv=None) -> None:
         exc.show()
         sys.exit(2 if isinstance(exc, click.UsageError) else exc.exit_code)
     except UserError as exc:
-        click.echo(f"error: {exc}", err=True)
+        click.echo(f"error: {one_line(str(exc))}", err=True)
         sys.exit(exc.exit_code)
     except RunError as exc:
         click.echo(f"error: {exc}", err=True)

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from .errors import UserError
+from .errors import UserError, user_path
 from .registry import Registry
 from .study import BackendConfig, DispatcherConfig, Study, TaskSpec
 from .types import DOMAINS, ModelSpec, TaskItem
@@ -100,8 +100,8 @@ def split_source(source: str, registry: Registry) -> tuple[str, str]:
 def load_task(spec: TaskSpec, registry: Registry, base_dir: Path | None = None) -> list[TaskItem]:
     scheme, location = split_source(spec.source, registry)
     if scheme in ("jsonl", "csv", "candidates", "hf-disk") and base_dir is not None:
-        p = Path(location).expanduser()
-        if not p.is_absolute() and not p.exists() and (base_dir / p).exists():
+        p = user_path(location, f"task '{spec.name}' source path")
+        if not p.is_absolute() and not p.exists() and user_path(str(base_dir / p), "task path").exists():
             location = str(base_dir / p)  # relative to the study file
     source = registry.get("task_source", scheme)()
     options = {"task": spec.name, **spec.options}

@@ -18,18 +18,20 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
-from .errors import UserError
+from .errors import UserError, user_path
 from .types import DOMAINS, ModelSpec, Sampling
 
 DTYPES = ("auto", "float32", "float16", "bfloat16")
 MAX_BATCH = 4096
 MAX_TOKENS = 131072
+MAX_REPEATS = 1000
 
 # key -> (type(s), required, check) per table. check(value) returns an error fragment or None.
 _pos = lambda v: None if v >= 1 else "must be at least 1"  # noqa: E731
 _nonneg = lambda v: None if v >= 0 else "must not be negative"  # noqa: E731
 _unit = lambda v: None if 0 < v <= 1 else "must be in (0, 1]"  # noqa: E731
 _maxtok = lambda v: None if 1 <= v <= MAX_TOKENS else f"must be between 1 and {MAX_TOKENS}"  # noqa: E731
+_repeats = lambda v: _pos(v) or (None if v <= MAX_REPEATS else f"must be at most {MAX_REPEATS}")  # noqa: E731
 _nonempty = lambda v: None if v.strip() else "must not be empty"  # noqa: E731
 
 
@@ -53,8 +55,8 @@ SCHEMA: dict[str, dict[str, tuple]] = {
         "output_dir": (str, False, _nonempty),
         "description": (str, False, None),
         "phase": (str, False, None),
-        "repeats": (int, False, _pos),
-        "solo_repeats": (int, False, _pos),
+        "repeats": (int, False, _repeats),
+        "solo_repeats": (int, False, _repeats),
     },
     "sampling": {
         "temperature": ((int, float), False, _nonneg),
@@ -265,7 +267,7 @@ def parse_study(text: str, path: Path | None = None) -> Study:
                       dict(t.get("scorer_options", {})), dict(t.get("options", {}))) for t in data["tasks"]]
     _unique([t.name for t in tasks], "tasks", path)
 
-    out_dir = Path(s.get("output_dir", "runs")).expanduser()
+    out_dir = user_path(s.get("output_dir", "runs"), f"{_where(path)}'study.output_dir'")
     repeats = int(s.get("repeats", 1))
     return Study(
         name=s["name"], seed=int(s.get("seed", 42)),

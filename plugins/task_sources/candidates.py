@@ -12,7 +12,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from evalhost.errors import UserError
+from evalhost.errors import UserError, user_path
 from evalhost.hookspecs import hookimpl
 from evalhost.types import TaskItem, TaskSource
 
@@ -25,7 +25,7 @@ class CandidatesSource(TaskSource):
         from evalhost.registry import get_registry
         from evalhost.study import TaskSpec
 
-        path = Path(location).expanduser()
+        path = user_path(location, "the candidates file")
         if not path.is_file():
             raise UserError(f"candidates file {path} does not exist; make it with `evalhost candidates RUN_DIR -o FILE`")
         rows = []

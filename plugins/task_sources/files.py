@@ -24,7 +24,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Iterable
 
-from evalhost.errors import UserError
+from evalhost.errors import UserError, user_path
 from evalhost.hookspecs import hookimpl
 from evalhost.types import DOMAINS, TaskItem, TaskSource
 
@@ -230,7 +230,7 @@ def parse_csv(text: str, name: str, options: dict[str, Any]) -> list[TaskItem]:
 def _read_path(location: str, kind: str) -> tuple[str, str]:
     if not location:
         raise UserError(f"the task source '{kind}:' has no path; write source = \"{kind}:path/to/file.{kind}\"")
-    path = Path(location).expanduser()
+    path = user_path(location, "the task file")
     if not path.is_file():
         what = "a directory, not a file" if path.is_dir() else "missing"
         raise UserError(f"the task file {path} is {what}; check the path in the study's source = \"{kind}:...\"")

@@ -29,7 +29,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from evalhost.errors import UserError
+from evalhost.errors import UserError, user_path
 from evalhost.hookspecs import hookimpl
 from evalhost.plugins.task_sources.files import check_options, item_from_dict
 from evalhost.types import TaskItem, TaskSource
@@ -251,7 +251,7 @@ class HFDiskSource(TaskSource):
     """``hf-disk:DIR``: a dataset saved with ``save_to_disk``."""
 
     def load(self, location: str, options: dict[str, Any]) -> list[TaskItem]:
-        path = Path(location).expanduser()
+        path = user_path(location, "the dataset directory")
         name = f"hf-disk:{location}"
         if not path.is_dir():
             raise UserError(f"the dataset directory {path} does not exist; check source = \"hf-disk:...\"")
@@ -267,8 +267,8 @@ class HFSource(TaskSource):
         name = f"hf:{location}"
         opts = dict(options)
         split = opts.get("split", "test")
-        if location and Path(location).expanduser().is_dir():
-            return rows_to_items(_load_disk(Path(location).expanduser(), split, name), name, opts)
+        if location and user_path(location, "the dataset").is_dir():
+            return rows_to_items(_load_disk(user_path(location, "the dataset"), split, name), name, opts)
         dataset_name, _, config = location.partition(":")
         config = config or opts.get("config")
         if not dataset_name or dataset_name.count("/") != 1:

@@ -1,0 +1,529 @@
+"""Bad-input fuzzing (hypothesis): generated study TOMLs and task files through ``evalhost run STUDY --dry-run``.
+
+Every case must end with exit code 2 (or 0 when the generated input happens to be valid), exactly one line on stderr
+starting with ``error: `` (besides the ``warning:`` lines for plugin problems the registry already knows about), and
+never a traceback. A run directory made by a real toy run stays byte-identical after a ``--resume RUN_DIR`` attempt
+with a bad study (or a bad task file behind the run's own study).
+
+``evalhost.cli.main`` runs in process for speed; a timer turns a hang (e.g. a plan that never finishes expanding)
+into a failure instead of a stuck test.
+"""
+from __future__ import annotations
+
+import copy
+import hashlib
+import io
+import json
+import math
+import os
+import resource
+import signal
+import sys
+import traceback
+from contextlib import contextmanager, redirect_stderr, redirect_stdout
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, event, given, settings
+from hypothesis import strategies as st
+
+from evalhost import registry as reg_mod
+from evalhost.cli import main
+from toy import make_distribution, study_text, write_tasks
+
+CALL_LIMIT_S = 5  # one dry run of a small study takes milliseconds; anything near this is a hang
+CALL_MEMORY = 768 << 20  # address space one call may add: a plan that never stops growing fails, not the machine
+FUZZ = settings(max_examples=int(os.environ.get("EVALHOST_FUZZ_EXAMPLES", 80)), deadline=None, suppress_health_check=[HealthCheck.too_slow,
+                                                                      HealthCheck.data_too_large])
+
+
+# ------------------------------------------------------------------------------------------------ running the CLI
+class Hang(BaseException):
+    """Raised by the timer; a BaseException so no ``except Exception`` in the code under test swallows it."""
+
+
+@contextmanager
+def _memory_limit(extra: int):
+    """Cap this process's address space at its current size + ``extra`` for the duration (MemoryError beyond)."""
+    with open("/proc/self/status") as fh:
+        size = next(int(line.split()[1]) * 1024 for line in fh if line.startswith("VmSize:"))
+    soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+    cap = size + extra if hard == resource.RLIM_INFINITY else min(hard, size + extra)
+    resource.setrlimit(resource.RLIMIT_AS, (cap, hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
+
+
+@contextmanager
+def _time_limit(seconds: float):
+    def on_alarm(signum, frame):
+        raise Hang(f"evalhost did not finish within {seconds} s")
+
+    old = signal.signal(signal.SIGALRM, on_alarm)
+    signal.setitimer(signal.ITIMER_REAL, seconds, 0.5)  # and again every 0.5 s, in case one lands in a gc callback
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
+
+
+def run_cli(argv: list[str]) -> tuple[int, str, str]:
+    """``evalhost ARGV`` in process: (exit code, stdout, stderr). Any exception that escapes ``main`` (what a user
+    would see as a traceback) fails the test with that traceback."""
+    out, err = io.StringIO(), io.StringIO()
+    escaped = None
+    code = 0
+    with redirect_stdout(out), redirect_stderr(err):
+        try:
+            with _memory_limit(CALL_MEMORY), _time_limit(CALL_LIMIT_S):
+                main(argv)
+        except SystemExit as exc:
+            code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+        except BaseException:  # noqa: BLE001 - a traceback (or a hang) is exactly what we look for
+            escaped = traceback.format_exc()
+    if escaped is not None:
+        pytest.fail(f"`evalhost {' '.join(argv)}` raised instead of exiting with a message:\n{escaped}",
+                    pytrace=False)
+    return code, out.getvalue(), err.getvalue()
+
+
+def _event(label: str) -> None:
+    try:
+        event(label)  # shown by pytest --hypothesis-show-statistics
+    except Exception:  # not inside a hypothesis test
+        pass
+
+
+def _known_warnings() -> set[str]:
+    return {f"warning: {p}" for p in reg_mod.get_registry().problems}
+
+
+def check_outcome(argv: list[str], what: str, allow_ok: bool = True) -> int:
+    code, out, err = run_cli(argv)
+    lines = [line for line in err.splitlines() if line not in _known_warnings()]
+    _event(f"exit {code}" + (f": {lines[0].split(': ')[-1][:40]}" if code and lines else ""))
+    context = f"\n--- input ---\n{what}\n--- exit {code}; stderr ---\n{err}--- stdout ---\n{out[-2000:]}"
+    assert "Traceback" not in err and "Traceback" not in out, "a traceback reached the user" + context
+    if code == 0 and allow_ok:
+        assert lines == [], "a successful dry run wrote to stderr" + context
+        assert "generations" in out, "a successful dry run printed no plan" + context
+        return code
+    assert code == 2, f"exit code {code}, expected 2 (bad input)" + context
+    assert len(lines) == 1, f"expected exactly one line on stderr, got {len(lines)}" + context
+    assert lines[0].startswith("error: ") and len(lines[0]) > len("error: ") + 10, "not an 'error: ' sentence" + context
+    return code
+
+
+# ------------------------------------------------------------------------------------------------ TOML writer
+class Raw(str):
+    """A TOML literal written verbatim (e.g. a datetime)."""
+
+
+DATETIME = Raw("1979-05-27T07:32:00Z")
+
+
+def _tstr(s: str) -> str:
+    # JSON string escapes are TOML basic-string escapes; DEL must be escaped in TOML as well
+    return json.dumps(s, ensure_ascii=False).replace("\x7f", "\\u007f")
+
+
+def _tval(v) -> str:
+    if isinstance(v, Raw):
+        return str(v)
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, int):
+        return str(v)
+    if isinstance(v, float):
+        if math.isnan(v):
+            return "nan"
+        if math.isinf(v):
+            return "inf" if v > 0 else "-inf"
+        return repr(v)
+    if isinstance(v, str):
+        return _tstr(v)
+    if isinstance(v, list):
+        return "[" + ", ".join(_tval(x) for x in v) + "]"
+    if isinstance(v, dict):
+        return "{" + ", ".join(f"{_tstr(k)} = {_tval(x)}" for k, x in v.items()) + "}"
+    raise TypeError(type(v))
+
+
+def _is_tables(v) -> bool:
+    return isinstance(v, list) and bool(v) and all(isinstance(x, dict) for x in v)
+
+
+def to_toml(data: dict) -> str:
+    lines = [f"{_tstr(k)} = {_tval(v)}" for k, v in data.items() if not isinstance(v, dict) and not _is_tables(v)]
+    for k, v in data.items():
+        if isinstance(v, dict):
+            lines.append(f"[{_tstr(k)}]")
+            lines += [f"{_tstr(kk)} = {_tval(vv)}" for kk, vv in v.items()]
+        elif _is_tables(v):
+            for table in v:
+                lines.append(f"[[{_tstr(k)}]]")
+                lines += [f"{_tstr(kk)} = {_tval(vv)}" for kk, vv in table.items()]
+    return "\n".join(lines) + "\n"
+
+
+# ------------------------------------------------------------------------------------------------ fixtures
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """The toy plugin installed as a real distribution, a valid task file, a finished toy run directory."""
+    root = tmp_path_factory.mktemp("fuzz")
+    site = make_distribution(root / "site")
+    sys.path.insert(0, str(site))
+    reg_mod._REGISTRY = None
+    try:
+        tasks = write_tasks(root / "tasks.jsonl", 8)
+        toy_tasks = write_tasks(root / "toy-tasks.jsonl", 8)
+        toy_study = root / "toy.toml"
+        toy_study.write_text(study_text(toy_tasks, root / "runs", (2, 4)) + "# the run's own study file\n")
+        code, out, err = run_cli(["run", str(toy_study), "--quiet", "--no-report"])
+        assert code == 0, err
+        run_dir = Path(out.split("run directory: ")[1].split()[0])
+        yield {"root": root, "tasks": tasks, "toy_tasks": toy_tasks, "toy_study": toy_study, "run_dir": run_dir,
+               "scratch": root / "scratch"}
+    finally:
+        sys.path.remove(str(site))
+        reg_mod._REGISTRY = None
+
+
+def base_study(world) -> dict:
+    return {
+        "study": {"name": "fuzz", "seed": 3, "output_dir": str(world["root"] / "runs")},
+        "sampling": {"max_tokens": 16, "temperature": 0.0},
+        "models": [{"name": "m", "path": "builtin:smollm2-135m-instruct"}],
+        "backends": [{"name": "hf", "options": {"device": "cpu"}}],
+        "dispatchers": [{"name": "prompt_list", "batch_sizes": [2, 4]}],
+        "tasks": [{"name": "t", "source": f"jsonl:{world['tasks']}", "scorer": "refusal"}],
+    }
+
+
+def toy_base(world) -> dict:
+    return {
+        "study": {"name": "toy", "seed": 7, "output_dir": str(world["root"] / "runs")},
+        "sampling": {"max_tokens": 16},
+        "models": [{"name": "toy-model", "path": "none"}],
+        "backends": [{"name": "toy"}],
+        "dispatchers": [{"name": "prompt_list", "batch_sizes": [2, 4]}],
+        "tasks": [{"name": "toyset", "source": f"jsonl:{world['toy_tasks']}", "scorer": "toy_refusal"}],
+    }
+
+
+_counter = [0]
+
+
+def scratch_file(world, suffix: str) -> Path:
+    _counter[0] += 1
+    d = world["scratch"]
+    d.mkdir(exist_ok=True)
+    return d / f"case{_counter[0]:05d}{suffix}"
+
+
+# ------------------------------------------------------------------------------------------------ strategies
+CHARS = st.characters(blacklist_categories=("Cs",))  # any code point UTF-8 can carry
+keys = st.one_of(st.text(CHARS, max_size=12), st.sampled_from(
+    ["name", "nmae", "batch_size", "batch_sizes", "options", "limit", "repeats", "", " ", "a\nb", "étude", "名前",
+     "\x00", "seed", "scorer", "matrix", "label"]))
+scalars = st.one_of(
+    st.integers(min_value=-(2 ** 63), max_value=2 ** 63 - 1),
+    st.sampled_from([0, -1, 1, 2 ** 31, 2 ** 63 - 1, -(2 ** 63), 10 ** 9]),
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.text(CHARS, max_size=20),
+    st.booleans(),
+    st.just(DATETIME),
+)
+values = st.recursive(scalars, lambda inner: st.one_of(st.lists(inner, max_size=4),
+                                                       st.dictionaries(keys, inner, max_size=3)), max_leaves=8)
+HUGE = st.one_of(st.sampled_from([0, -1, -5, 10 ** 6, 10 ** 9, 10 ** 12, 2 ** 63 - 1, -(2 ** 63), 1e308, -1e308,
+                                  float("inf"), float("nan"), 0.5, -0.0]),
+                 st.integers(min_value=-(2 ** 63), max_value=2 ** 63 - 1))
+NUMERIC_KEYS = [("study", "seed"), ("study", "repeats"), ("study", "solo_repeats"), ("sampling", "max_tokens"),
+                ("sampling", "temperature"), ("sampling", "top_p"), ("sampling", "seed"), ("sampling", "logprobs"),
+                ("tasks", 0, "limit")]
+PLUGIN_NAMES = st.one_of(st.text(CHARS, max_size=15), st.sampled_from(
+    ["hf", "Hf", "vllm", "vllm-invariant", "openai", "toy", "prompt_list", "prompt-list", "solo", "synchronized",
+     "continuous", "refusal", "refusl", "mcq", "bbq", "truthfulqa", "", " ", "ray", "local"]))
+WEIRD_PATHS = st.one_of(st.text(CHARS, max_size=30), st.sampled_from([
+    "", " ", "/", ".", "..", "/dev/null", "/proc/self/status", "/etc/hostname", "~nosuchuser-evalhost/tasks.jsonl",
+    "~/no-such-evalhost-file.jsonl", "../../../../../../etc/passwd", "/no/such/dir/tasks.jsonl", "tasks.jsonl",
+    "a\x00b.jsonl", "x" * 300 + ".jsonl", "/" + "d/" * 3000 + "t.jsonl", "C:\\tasks\\t.jsonl", "tasks.JSONL",
+    "file:///etc/passwd", "http://127.0.0.1:9/t.jsonl",
+]))
+SCHEMES = st.sampled_from(["jsonl:", "csv:", "builtin:", "candidates:", "hf-disk:", "", "nosuchscheme:", "JSONL:"])
+
+
+def _paths(node, prefix=()) -> list[tuple]:
+    out = []
+    if isinstance(node, dict):
+        for k, v in node.items():
+            out.append(prefix + (k,))
+            out += _paths(v, prefix + (k,))
+    elif isinstance(node, list):
+        for i, v in enumerate(node):
+            if isinstance(v, dict):
+                out.append(prefix + (i,))
+                out += _paths(v, prefix + (i,))
+    return out
+
+
+def _tables(node, prefix=()) -> list[tuple]:
+    out = [prefix] if isinstance(node, dict) else []
+    if isinstance(node, dict):
+        for k, v in node.items():
+            out += _tables(v, prefix + (k,))
+    elif isinstance(node, list):
+        for i, v in enumerate(node):
+            out += _tables(v, prefix + (i,))
+    return out
+
+
+def _get(node, path):
+    for p in path:
+        node = node[p]
+    return node
+
+
+def _set(data: dict, path: tuple, value) -> None:
+    node = data
+    for p in path[:-1]:
+        if isinstance(node, dict):
+            node = node.setdefault(p, {})
+        elif isinstance(node, list) and isinstance(p, int) and p < len(node):
+            node = node[p]
+        else:
+            return
+        if not isinstance(node, (dict, list)):
+            return
+    if isinstance(node, dict):
+        node[path[-1]] = value
+    elif isinstance(node, list) and isinstance(path[-1], int) and path[-1] < len(node):
+        node[path[-1]] = value
+
+
+MUTATIONS = ["delete", "set", "add", "add", "plugin", "path", "path", "path", "batch", "huge", "huge", "matrix"]
+
+
+@st.composite
+def mutated_study(draw, base: dict) -> dict:
+    data = copy.deepcopy(base)
+    for _ in range(draw(st.integers(1, 3))):
+        kind = draw(st.sampled_from(MUTATIONS))
+        if kind == "delete":
+            paths = _paths(data)
+            if paths:
+                path = draw(st.sampled_from(paths))
+                parent = _get(data, path[:-1])
+                del parent[path[-1]]
+        elif kind == "set":
+            paths = _paths(data)
+            if paths:
+                _set(data, draw(st.sampled_from(paths)), draw(values))
+        elif kind == "add":
+            tables = _tables(data)
+            _get(data, draw(st.sampled_from(tables)))[draw(keys)] = draw(values)
+        elif kind == "plugin":
+            where = draw(st.sampled_from([("backends", 0, "name"), ("dispatchers", 0, "name"),
+                                          ("tasks", 0, "scorer")]))
+            _set(data, where, draw(PLUGIN_NAMES))
+        elif kind == "path":
+            where = draw(st.sampled_from(["source", "output_dir", "model"]))
+            path = draw(WEIRD_PATHS)
+            if where == "source":
+                _set(data, ("tasks", 0, "source"), draw(SCHEMES) + path)
+            elif where == "output_dir":
+                _set(data, ("study", "output_dir"), path)
+            else:
+                _set(data, ("models", 0, "path"), path)
+        elif kind == "batch":
+            sizes = draw(st.lists(st.one_of(st.integers(-(2 ** 63), 2 ** 63 - 1), st.integers(-3, 9),
+                                            st.sampled_from([0, -4, 4096, 4097, 10 ** 9]), st.floats(), st.text(max_size=3)),
+                                  max_size=4))
+            _set(data, ("dispatchers", 0, "batch_sizes"), sizes)
+        elif kind == "huge":
+            _set(data, draw(st.sampled_from(NUMERIC_KEYS)), draw(HUGE))
+        else:  # a backend matrix / options with odd shapes
+            _set(data, ("backends", 0, draw(st.sampled_from(["matrix", "options"]))),
+                 draw(st.dictionaries(keys, st.one_of(st.lists(scalars, max_size=3), scalars), max_size=3)))
+    return data
+
+
+@st.composite
+def study_text_cases(draw, base: dict) -> str:
+    """Mostly structured mutations of a valid study; sometimes raw text damage."""
+    text = to_toml(draw(mutated_study(base)))
+    how = draw(st.sampled_from(["as is"] * 6 + ["cut", "insert", "random"]))
+    if how == "cut":
+        text = text[: draw(st.integers(0, len(text)))]
+    elif how == "insert":
+        at = draw(st.integers(0, len(text)))
+        text = text[:at] + draw(st.text(CHARS, min_size=1, max_size=5)) + text[at:]
+    elif how == "random":
+        text = draw(st.text(CHARS, max_size=200))
+    return text
+
+
+def _item(i: int) -> dict:
+    return {"id": f"it-{i}", "prompt": f"Please say something about number {i}.", "domain": "safety"}
+
+
+BAD_BYTES = st.sampled_from([b"\xff", b"\xfe", b"\x80", b"\xc3\x28", b"\xed\xa0\x80", b"\xf8\x88\x80\x80\x80"])
+ITEM_FIELDS = ["id", "prompt", "messages", "domain", "choices", "answer", "targets", "scorer", "metadata"]
+json_values = st.recursive(
+    st.one_of(st.none(), st.booleans(), st.integers(), st.floats(allow_nan=False), st.text(CHARS, max_size=10)),
+    lambda inner: st.one_of(st.lists(inner, max_size=3), st.dictionaries(st.text(CHARS, max_size=8), inner,
+                                                                          max_size=3)), max_leaves=6)
+
+
+@st.composite
+def task_file_cases(draw, always_bad: bool = False) -> bytes:
+    """Bytes of a JSONL task file: valid ones mutated, broken encodings, bad JSON, empty files, random bytes."""
+    items = [_item(i) for i in range(draw(st.integers(1, 5)))]
+    kinds = ["missing", "unknown field", "duplicate id", "bad json", "non-utf8", "empty", "whitespace",
+             "json scalars", "truncated"]  # each of these is bad whatever else is drawn
+    if not always_bad:
+        kinds += ["wrong type", "random bytes", "valid", "bom crlf", "random field values"]
+    kind = draw(st.sampled_from(kinds))
+    if kind == "missing":
+        field = draw(st.sampled_from(["id", "prompt", "domain"]))
+        del items[draw(st.integers(0, len(items) - 1))][field]
+    elif kind == "wrong type":
+        field = draw(st.sampled_from(["id", "prompt", "messages", "domain", "choices", "answer", "targets", "metadata"]))
+        bad = draw(st.one_of(st.sampled_from([None, 5, [], {}, True, 1.5, "", [1, 2], {"role": 1}]), json_values))
+        items[draw(st.integers(0, len(items) - 1))][field] = bad
+    elif kind == "unknown field":
+        name = draw(st.text(CHARS, min_size=1, max_size=10).filter(lambda s: s not in ITEM_FIELDS))
+        items[0][name] = draw(json_values)
+    elif kind == "duplicate id":
+        items.append(dict(items[0]))
+    elif kind == "random field values":
+        items[0] = {draw(st.sampled_from(ITEM_FIELDS)): draw(json_values) for _ in range(draw(st.integers(0, 5)))}
+    lines = [json.dumps(x, ensure_ascii=draw(st.booleans())) for x in items]
+    if kind == "json scalars":
+        lines.insert(draw(st.integers(0, len(lines))), json.dumps(draw(st.one_of(
+            st.none(), st.booleans(), st.integers(), st.text(CHARS, max_size=5), st.lists(st.integers(), max_size=3)))))
+    data = ("\n".join(lines) + "\n").encode("utf-8")
+    if kind == "bad json":
+        at = draw(st.integers(0, len(lines)))
+        junk = draw(st.sampled_from(['{"id": "x", "prompt": "y"', "{'id': 'x'}", "not json", "{", "]", '{"id": NaN}',
+                                     '{"id": "q", "prompt": "p", "domain": "safety",}']))
+        lines.insert(at, junk)
+        data = ("\n".join(lines) + "\n").encode("utf-8")
+    elif kind == "non-utf8":
+        at = draw(st.integers(0, len(data)))
+        data = data[:at] + draw(BAD_BYTES) + data[at:]
+    elif kind == "empty":
+        data = b""
+    elif kind == "whitespace":
+        data = draw(st.sampled_from([b"\n", b"   \n\n", b"\r\n\t\n", b"\xef\xbb\xbf", b"\xef\xbb\xbf\n \n"]))
+    elif kind == "truncated":
+        data = data[: draw(st.integers(1, max(1, len(data) - 3)))].rstrip(b"}\n") or b"{"  # a cut-off object
+    elif kind == "random bytes":
+        data = draw(st.binary(max_size=200))
+    elif kind == "bom crlf":
+        data = b"\xef\xbb\xbf" + data.replace(b"\n", b"\r\n")
+    return data
+
+
+# ------------------------------------------------------------------------------------------------ tests
+@FUZZ
+@given(data=st.data())
+def test_generated_study_files_exit_2_with_one_error_line(world, data):
+    text = data.draw(study_text_cases(base_study(world)))
+    path = scratch_file(world, ".toml")
+    path.write_text(text, encoding="utf-8")
+    check_outcome(["run", str(path), "--dry-run"], text)
+
+
+@FUZZ
+@given(data=st.data())
+def test_generated_task_files_exit_2_with_one_error_line(world, data):
+    content = data.draw(task_file_cases())
+    scheme = data.draw(st.sampled_from(["jsonl", "jsonl", "jsonl", "csv"]))
+    tasks = scratch_file(world, "." + scheme)
+    tasks.write_bytes(content)
+    study = base_study(world)
+    study["tasks"][0]["source"] = f"{scheme}:{tasks}"
+    if data.draw(st.booleans()):
+        del study["tasks"][0]["scorer"]  # the items' own scorer fields decide
+    path = scratch_file(world, ".toml")
+    path.write_text(to_toml(study), encoding="utf-8")
+    check_outcome(["run", str(path), "--dry-run"], f"{scheme} task file bytes: {content!r}")
+
+
+def test_the_unmutated_fuzz_bases_are_valid(world):
+    """The generators start from valid studies (so a mutation, not the base, is what the other tests exercise)."""
+    for base in (base_study(world), toy_base(world)):
+        path = scratch_file(world, ".toml")
+        path.write_text(to_toml(base), encoding="utf-8")
+        assert check_outcome(["run", str(path), "--dry-run"], to_toml(base)) == 0
+
+
+def _tree_hash(root: Path) -> dict[str, str]:
+    return {str(p.relative_to(root)): (hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "dir")
+            for p in sorted(root.rglob("*"))}
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@given(data=st.data())
+def test_bad_resume_leaves_the_run_directory_byte_identical(world, data):
+    run_dir: Path = world["run_dir"]
+    before = _tree_hash(run_dir)
+    assert "records.jsonl" in before and "manifest.json" in before
+    how = data.draw(st.sampled_from(["bad study", "bad study", "bad task file behind the run's own study"]))
+    if how == "bad study":
+        text = data.draw(study_text_cases(toy_base(world)))
+        path = scratch_file(world, ".toml")
+        path.write_text(text, encoding="utf-8")
+        what = text
+    else:
+        # the run's own study file (same bytes, so the study check passes) while its task file is broken
+        path = world["toy_study"]
+        content = data.draw(task_file_cases(always_bad=True))
+        what = f"task file bytes: {content!r}"
+    original_tasks = world["toy_tasks"].read_bytes()
+    try:
+        if how != "bad study":
+            world["toy_tasks"].write_bytes(content)
+        check_outcome(["run", str(path), "--quiet", "--no-report", "--resume", str(run_dir)], what, allow_ok=False)
+    finally:
+        world["toy_tasks"].write_bytes(original_tasks)
+    assert _tree_hash(run_dir) == before, f"a failed --resume changed the run directory\n{what}"
+
+
+# Specific inputs the fuzzers found or that are easy to miss; each must be refused with one sentence, quickly.
+KNOWN_BAD = {
+    "home of an unknown user in output_dir": ("study", "output_dir", "~nosuchuser-evalhost/runs"),
+    "home of an unknown user in a task path": ("tasks", 0, "source", "jsonl:~nosuchuser-evalhost/t.jsonl"),
+    "a task path longer than the OS allows": ("tasks", 0, "source", "jsonl:" + "x" * 300 + ".jsonl"),
+    "a key with a newline in it": ("study", "a\nb", 1),
+    "a billion repeats": ("study", "repeats", 10 ** 9),
+    "a billion solo repeats": ("study", "solo_repeats", 10 ** 9),
+    "NaN temperature": ("sampling", "temperature", float("nan")),
+    "negative batch size": ("dispatchers", 0, "batch_sizes", [4, -2]),
+    "batch size of 2**63-1": ("dispatchers", 0, "batch_sizes", [2 ** 63 - 1]),
+}
+
+
+@pytest.mark.parametrize("case", sorted(KNOWN_BAD))
+def test_known_bad_studies(world, case):
+    *where, value = KNOWN_BAD[case]
+    study = base_study(world)
+    _set(study, tuple(where), value)
+    path = scratch_file(world, ".toml")
+    path.write_text(to_toml(study), encoding="utf-8")
+    assert check_outcome(["run", str(path), "--dry-run"], f"{case}\n{to_toml(study)}", allow_ok=False) == 2
+
+
+def test_study_file_that_is_not_utf8_or_missing(world):
+    path = scratch_file(world, ".toml")
+    path.write_bytes(to_toml(base_study(world)).encode() + b"# \xff\xfe\n")
+    check_outcome(["run", str(path), "--dry-run"], "non-UTF-8 study", allow_ok=False)
+    check_outcome(["run", str(world["root"] / "no-such-study.toml"), "--dry-run"], "missing study", allow_ok=False)
+    empty = scratch_file(world, ".toml")
+    empty.write_bytes(b"")
+    check_outcome(["run", str(empty), "--dry-run"], "empty study", allow_ok=False)
