@@ -107,7 +107,7 @@ def execute_work(work: BackendWork, sampling: Sampling, context: RunContext, ski
                 continue
             if solo and fleet > 1:
                 pending.append((job, group))
-                if len(pending) >= fleet:
+                if len(pending) >= fleet * 8:  # a few prompts per replica: slow prompts do not idle the others
                     yield from run_pending()
                 continue
             if pending:

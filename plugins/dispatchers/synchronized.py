@@ -109,9 +109,10 @@ def parse_running(text: str) -> int | None:
 class RunningSampler:
     """Samples ``vllm:num_requests_running`` in a background task until :meth:`stop`."""
 
-    def __init__(self, url: str | None, interval_s: float) -> None:
+    def __init__(self, url: str | None, interval_s: float, enough: int | None = None) -> None:
         self.url = url
         self.interval_s = interval_s
+        self.enough = enough  # stop sampling once this many requests were seen running (keeps host overhead low)
         self.samples: list[int] = []
         self.error: str | None = None
         self._stop = asyncio.Event()
@@ -134,6 +135,8 @@ class RunningSampler:
                         self.error = "vllm:num_requests_running not found on the metrics page"
                         return
                     self.samples.append(value)
+                    if self.enough is not None and value >= self.enough:
+                        return
                     try:
                         await asyncio.wait_for(self._stop.wait(), self.interval_s)
                         return
@@ -214,7 +217,7 @@ class Synchronized(Dispatcher):
             return await timed_agenerate(backend, prompt, sampling)
 
         url = metrics_url(backend) if self.options.get("metrics", True) else None
-        sampler = RunningSampler(url, float(self.options.get("metrics_interval_s", 0.05)))
+        sampler = RunningSampler(url, float(self.options.get("metrics_interval_s", 0.1)), enough=n)
         tasks = [asyncio.ensure_future(one(p)) for p in prompts]
         sampler.start()
         try:
