@@ -28,10 +28,13 @@ def cli() -> None:
               help="With --dry-run: items per composition arm needed to detect this effect (percentage points).")
 @click.option("--baseline", type=float, default=None,
               help="Baseline flip rate in percent for --target-mde (default: worst case, an upper bound).")
+@click.option("--limit", type=click.IntRange(min=1), default=None,
+              help="Cap every task at N items (a quick trial of a large study; kept on --resume).")
 @click.option("--no-report", is_flag=True, help="Do not write report.md at the end.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @click.option("--no-solo-cache", is_flag=True, help="Always generate solo baselines (do not reuse cached ones).")
-def run(study, dry_run, resume, executor, address, target_mde, baseline, no_report, quiet, no_solo_cache):
+def run(study, dry_run, resume, executor, address, target_mde, baseline, limit, no_report, quiet,
+        no_solo_cache):
     """Run STUDY (a TOML file); records go to a new run directory."""
     import os
 
@@ -42,7 +45,7 @@ def run(study, dry_run, resume, executor, address, target_mde, baseline, no_repo
 
     opts = {"address": address} if address else {}
     run_file(study, resume=resume, executor=executor, executor_options=opts, dry_run=dry_run,
-             progress=not quiet and sys.stderr.isatty(), report=not no_report, out=click.echo)
+             progress=not quiet and sys.stderr.isatty(), report=not no_report, out=click.echo, limit=limit)
     if target_mde is not None:
         from .stats import items_needed
 

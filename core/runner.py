@@ -14,7 +14,7 @@ import platform
 import signal
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -233,8 +233,14 @@ def _sigterm_as_interrupt():
 
 def run_study(study: Study, resume: Path | None = None, executor: str = "local",
               executor_options: dict[str, Any] | None = None, dry_run: bool = False, progress: bool = True,
-              report: bool = True, out: Callable[[str], None] = print) -> Path | None:
+              report: bool = True, out: Callable[[str], None] = print, limit: int | None = None) -> Path | None:
+    """Run (or with ``dry_run`` only plan) a study. ``limit`` caps every task's items (a quick trial of a big study);
+    it is recorded in the manifest and a resume keeps it."""
     registry = get_registry()
+    if resume and limit is None and (Path(resume) / MANIFEST).is_file():
+        limit = json.loads((Path(resume) / MANIFEST).read_text()).get("limit")
+    if limit is not None:
+        study.tasks = [replace(t, limit=min(t.limit or limit, limit)) for t in study.tasks]
     for problem in registry.problems:
         print(f"warning: {problem}", file=sys.stderr)
     used = {"backend": {b.plugin for b in study.backends}, "dispatcher": {d.plugin for d in study.dispatchers},
@@ -261,8 +267,10 @@ def run_study(study: Study, resume: Path | None = None, executor: str = "local",
             "plugins": registry.plugins, "fingerprints": {}, "evidence": {}, "backend_fingerprints": {},
             "env": {k: v for k, v in os.environ.items() if k.startswith(("VLLM_BATCH_INVARIANT", "CUBLAS_",
                                                                            "VLLM_ATTENTION", "EVALHOST_PLUGINS"))},
-            "plan": {"generations": plan.n_generations(), "cells": len(plan.cells())},
+            "plan": {"generations": plan.n_generations(), "cells": len(plan.cells())}, "limit": limit,
         }
+    if manifest.get("limit") != limit:
+        raise UserError(f"{run_dir} was run with --limit {manifest.get('limit')}; resume it with the same limit")
     manifest["status"] = "running"
     manifest.setdefault("resumes", [])
     if resume:

@@ -14,8 +14,8 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.mark.slow
 def test_quickstart_runs_end_to_end_on_the_real_model(tmp_path, small_model_path):
     text = (ROOT / "studies" / "quickstart.toml").read_text()
-    assert "limit = 16" in text and "max_tokens = 48" in text and 'output_dir = "runs"' in text
-    short = (text.replace("limit = 16", "limit = 4").replace("max_tokens = 48", "max_tokens = 12")
+    assert "limit = 12" in text and "max_tokens = 40" in text and 'output_dir = "runs"' in text
+    short = (text.replace("limit = 12", "limit = 4").replace("max_tokens = 40", "max_tokens = 12")
              .replace('output_dir = "runs"', f'output_dir = "{tmp_path / "runs"}"'))
     study = tmp_path / "quickstart.toml"
     study.write_text(short)
