@@ -18,11 +18,14 @@ keep() {  # copy a finished run directory into docs/examples/NAME with its recor
 echo "== Study A: discovery"
 A=$($EH run studies/study_a.toml --limit "$LIMIT" --quiet | tee /dev/stderr | run_dir)
 keep "$A" study_a_discovery
-rm -f studies/candidates.jsonl
-$EH candidates "$A" -o studies/candidates.jsonl --text-changes
-if [ -s studies/candidates.jsonl ]; then
+CAND=$PWD/$OUT/study_a_candidates.jsonl
+rm -f "$CAND"
+$EH candidates "$A" -o "$CAND" --text-changes
+if [ -s "$CAND" ]; then
   echo "== Study A: confirmation (prompt_list, true batches)"
-  C=$($EH run studies/study_a_confirm.toml --quiet | tee /dev/stderr | run_dir)
+  CONFIRM=$(mktemp -d)/study_a_confirm.toml
+  sed "s#candidates:candidates.jsonl#candidates:$CAND#" studies/study_a_confirm.toml > "$CONFIRM"
+  C=$($EH run "$CONFIRM" --quiet | tee /dev/stderr | run_dir)
   keep "$C" study_a_confirmation
 else
   echo "no flips or text changes at discovery: nothing to confirm"
