@@ -229,7 +229,7 @@ time.sleep(60)  # wait for SIGTERM / SIGINT
 """
 
 
-@pytest.mark.parametrize("how", ["exit", "SIGTERM", "SIGINT"])
+@pytest.mark.parametrize("how", ["exit", "SIGTERM", "SIGINT", "SIGKILL"])
 def test_no_orphan_server_when_evalhost_exits_or_is_signalled(tmp_path, how):
     import signal
     import subprocess
@@ -244,5 +244,5 @@ def test_no_orphan_server_when_evalhost_exits_or_is_signalled(tmp_path, how):
     deadline = time.monotonic() + 10
     while not group_gone(pgid) and time.monotonic() < deadline:
         time.sleep(0.1)
-    assert group_gone(pgid), f"the managed server survived {how}"
+    assert group_gone(pgid), f"the managed server survived {how}"  # SIGKILL: the parent-death signal stops it
     assert not port_in_use(port)

@@ -16,6 +16,7 @@ import os
 import signal
 import socket
 import subprocess
+import sys
 import threading
 import time
 from collections import deque
@@ -99,6 +100,19 @@ def _install_handlers() -> None:
             pass
 
 
+
+def _die_with_parent() -> None:
+    """In the child, before exec: ask Linux to send SIGTERM when the process that started the server dies, even by
+    SIGKILL, so a killed evalhost (or a killed Ray actor) never leaves an orphaned server holding the GPU. The server
+    runs in its own session so a terminal's Ctrl-C reaches evalhost, which then stops it in order."""
+    import ctypes
+
+    PR_SET_PDEATHSIG = 1
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    except OSError:
+        pass
+
 class ManagedServer:
     """One server process. ``argv`` must already contain the host/port arguments (see :attr:`port`)."""
 
@@ -176,6 +190,7 @@ class ManagedServer:
                 env=env,
                 start_new_session=True,
                 close_fds=True,
+                preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None,
             )
         self.pgid = self.proc.pid  # new session => the child leads its own process group
         self.starts += 1
