@@ -21,12 +21,12 @@ from typing import Any, Callable, Iterator
 from . import __version__
 from .errors import RunError, UserError
 from .models import cache_dir
-from .plan import BackendWork, Job, Plan, build_plan, describe, record_key
+from .plan import BackendWork, Job, build_plan, describe, record_key
 from .registry import Registry, get_registry, require_clean
 from .solo_cache import SoloCache, enabled as solo_enabled
 from .records import RECORDS, RecordWriter, read_records, write_json_atomic
 from .study import Study, load_study
-from .types import Generation, Group, GroupResult, Member, RunContext, Sampling, sha256_text
+from .types import Group, GroupResult, Member, RunContext, Sampling, sha256_text
 
 MANIFEST = "manifest.json"
 SCHEMA_VERSION = 1

@@ -107,3 +107,16 @@ def vllm_server(small_model, tmp_path_factory):
             leftover = False
         assert not leftover, "processes of the shared vllm server's group survived close()"
         assert not port_in_use(server.port), f"port {server.port} is still taken after close()"
+
+
+@pytest.fixture
+def toy_env(tmp_path, monkeypatch):
+    """The toy plugin (tests/toy) installed as a real entry-point distribution on sys.path for this test."""
+    from evalhost import registry as reg_mod
+    from toy import make_distribution
+
+    root = make_distribution(tmp_path / "site")
+    monkeypatch.syspath_prepend(str(root))
+    reg_mod._REGISTRY = None
+    yield root
+    reg_mod._REGISTRY = None

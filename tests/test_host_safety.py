@@ -29,9 +29,8 @@ from pathlib import Path
 import psutil
 import pytest
 
-from evalhost import registry as reg_mod
 from evalhost.records import read_records
-from toy import make_distribution, study_text, write_tasks
+from toy import study_text, write_tasks
 
 REPO = Path(__file__).resolve().parents[1]
 FAKE_SERVER = Path(__file__).with_name("fake_server.py")
@@ -264,15 +263,6 @@ def test_a_rejected_api_key_is_not_echoed_in_the_error_or_the_run_directory(tmp_
 
 
 # ------------------------------------------------------------------------------------------------ run directories
-@pytest.fixture
-def toy_env(tmp_path, monkeypatch):
-    root = make_distribution(tmp_path / "site")
-    monkeypatch.syspath_prepend(str(root))
-    reg_mod._REGISTRY = None
-    yield root
-    reg_mod._REGISTRY = None
-
-
 def _tree(root: Path) -> dict[str, str]:
     return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "dir"
             for p in sorted(root.rglob("*"))}

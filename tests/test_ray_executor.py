@@ -30,12 +30,9 @@ MODELS = ("toy-a", "toy-b", "toy-c")
 
 
 @pytest.fixture
-def toy_env(tmp_path, monkeypatch):
-    root = make_distribution(tmp_path / "site")
-    monkeypatch.syspath_prepend(str(root))
-    reg_mod._REGISTRY = None
-    yield root
-    reg_mod._REGISTRY = None
+def toy_env(toy_env):
+    """The shared toy plugin fixture, plus: the executor must not leave Ray running."""
+    yield toy_env
     import ray
 
     assert not ray.is_initialized(), "the executor left its Ray instance running"

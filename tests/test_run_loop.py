@@ -11,20 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from evalhost import registry as reg_mod
 from evalhost.records import read_records
 from evalhost.runner import run_file
 from evalhost.validate import validate_run
 from toy import make_distribution, study_text, write_tasks
-
-
-@pytest.fixture
-def toy_env(tmp_path, monkeypatch):
-    root = make_distribution(tmp_path / "site")
-    monkeypatch.syspath_prepend(str(root))
-    reg_mod._REGISTRY = None
-    yield root
-    reg_mod._REGISTRY = None
 
 
 def _study(tmp_path: Path, n_items=12, batch_sizes=(2, 4), name="study.toml") -> Path:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import replace
-from pathlib import Path
+
 from typing import Any
 
 from evalhost.errors import UserError, user_path
