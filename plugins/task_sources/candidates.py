@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 from dataclasses import replace
-
 from typing import Any
 
 from evalhost.errors import UserError, user_path
