@@ -112,11 +112,9 @@ class HFBackend(Backend):
         lm.to(self.device)
         lm.eval()
         # Denormal floats in the activations make x86 CPU kernels crawl (seen here: a SmolLM2-135M forward pass went
-        # from 3.7 s to 0.4 s with flush-to-zero). FTZ applies to solo and batch alike; the fingerprint records it.
-        if self.device == "cpu" and self.options.get("flush_denormal", True):
-            self.flush_denormal = bool(torch.set_flush_denormal(True))
-        else:
-            self.flush_denormal = False
+        # from 3.7 s to 0.4 s with flush-to-zero). FTZ is switched on only while generating (it is process-global
+        # CPU state) and applies to solo and batch alike; the fingerprint records it.
+        self.flush_denormal = self.device == "cpu" and bool(self.options.get("flush_denormal", True))
         self.tok = tok
         self.lm = lm
 
@@ -187,8 +185,13 @@ class HFBackend(Backend):
         if sampling.logprobs is not None:
             kwargs.update(output_scores=True, return_dict_in_generate=True)
         sent = time.time()
-        with torch.inference_mode():
-            out = lm.generate(**enc, **kwargs)
+        ftz = bool(getattr(self, "flush_denormal", False)) and torch.set_flush_denormal(True)
+        try:
+            with torch.inference_mode():
+                out = lm.generate(**enc, **kwargs)
+        finally:
+            if ftz:
+                torch.set_flush_denormal(False)
         finished = time.time()
         sequences = out.sequences if hasattr(out, "sequences") else out
         new = sequences[:, enc["input_ids"].shape[1]:].tolist()
