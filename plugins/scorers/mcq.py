@@ -139,8 +139,14 @@ class MCQScorer(Scorer):
         if not answer:
             return Score("unparsed", None, f"parsed {letter} ({how}) but the item has no answer")
         if letter == answer:
-            return Score("correct", 1.0, f"parsed {letter} ({how}); answer {answer}")
-        return Score("incorrect", 0.0, f"parsed {letter} ({how}); answer {answer}")
+            return Score("correct", 1.0, self.why_correct(item, letter, how, answer))
+        return Score("incorrect", 0.0, self.why_incorrect(item, letter, how, answer))
+
+    def why_correct(self, item: TaskItem, letter: str, how: str, answer: str) -> str:
+        return f"parsed {letter} ({how}); answer {answer}"
+
+    def why_incorrect(self, item: TaskItem, letter: str, how: str, answer: str) -> str:
+        return f"parsed {letter} ({how}); answer {answer}"
 
 
 @hookimpl

@@ -7,24 +7,21 @@ choice was wrong, the misconception picked.
 from __future__ import annotations
 
 from evalhost.hookspecs import hookimpl
-from evalhost.plugins.scorers.mcq import extract_choice
-from evalhost.types import Score, Scorer, TaskItem
+from evalhost.plugins.scorers.mcq import MCQScorer
+from evalhost.types import TaskItem
 
 
-class TruthfulQAScorer(Scorer):
-    def score(self, item: TaskItem, text: str) -> Score:
-        letter, how = extract_choice(text, item.choices)
-        if letter is None:
-            return Score("unparsed", None, how)
-        answer = (item.answer or "").strip().upper()
-        if not answer:
-            return Score("unparsed", None, f"parsed {letter} ({how}) but the item has no answer")
-        if letter == answer:
-            return Score("correct", 1.0, f"parsed {letter} ({how}): the true answer")
+class TruthfulQAScorer(MCQScorer):
+    """The ``mcq`` scoring, with rationales that name the true answer and the misconception picked."""
+
+    def why_correct(self, item: TaskItem, letter: str, how: str, answer: str) -> str:
+        return f"parsed {letter} ({how}): the true answer"
+
+    def why_incorrect(self, item: TaskItem, letter: str, how: str, answer: str) -> str:
         choices = {k.upper(): v for k, v in (item.choices or {}).items()}
         picked = choices.get(letter)
         why = f"; picked {picked!r}" if picked else ""
-        return Score("incorrect", 0.0, f"parsed {letter} ({how}); true answer {answer}{why}")
+        return f"parsed {letter} ({how}); true answer {answer}{why}"
 
 
 @hookimpl
