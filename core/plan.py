@@ -187,9 +187,10 @@ def build_plan(study: Study, registry: Registry) -> Plan:
                         if explicit:
                             work.jobs += _explicit_jobs(explicit, model, backend, task, disp, r, study)
                             continue
-                        # a dispatcher with a fixed group_size (continuous: one target joining a batch of
+                        # a dispatcher that sizes its own groups (continuous: a few targets joining a batch of
                         # fillers) gets groups of that size, and the cell's batch size as its `batch_size` option
-                        fixed = getattr(registry.get("dispatcher", disp.plugin), "group_size", None)
+                        sizer = getattr(registry.get("dispatcher", disp.plugin), "group_size_for", None)
+                        fixed = int(sizer(disp.options)) if sizer else None
                         for bs in disp.batch_sizes:
                             cell = cell_id(model.name, backend.label, task.name, disp.label, bs)
                             d = replace(disp, options={**disp.options, "batch_size": bs}) if fixed else disp

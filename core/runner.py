@@ -6,6 +6,7 @@ and keeps ``manifest.json`` current. Resume: records already in ``records.jsonl`
 """
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import hashlib
 import json
@@ -67,8 +68,10 @@ def execute_work(work: BackendWork, sampling: Sampling, context: RunContext, ski
     backend = registry.get("backend", work.backend.plugin)(work.model, work.backend.options, context)
     dispatchers: dict[str, Any] = {}
     try:
-        backend.preflight()
-        backend.start()
+        gate = context.start_gate
+        with gate if gate is not None and not backend.starts_alongside_others() else contextlib.nullcontext():
+            backend.preflight()
+            backend.start()
         fp = {"backend_plugin": work.backend.plugin, "backend_config": work.backend.options,
               "model": asdict(work.model), **backend.fingerprint()}
         yield BackendStarted(work.label, fp, backend.evidence())

@@ -138,6 +138,7 @@ class RunContext:
     cache_dir: Path
     log: Callable[[str], None] = print
     load_items: Callable[[str], list[TaskItem]] | None = None  # resolve a task source spec, e.g. "builtin:benign"
+    start_gate: Any = None  # a lock held while a backend starts, when several run at once (local --parallel)
 
 
 class Backend:
@@ -167,6 +168,11 @@ class Backend:
 
     def close(self) -> None:
         """Release everything (stop servers). Must be safe to call twice."""
+
+    def starts_alongside_others(self) -> bool:
+        """Whether :meth:`start` may overlap another backend's start on the same machine. False (the default):
+        when backends run at the same time, the host starts them one at a time."""
+        return False
 
     def resources(self) -> dict[str, float]:
         """What one instance needs from a scheduler such as Ray, e.g. ``{"num_gpus": 1}``."""

@@ -224,6 +224,54 @@ def test_continuous_default_occupancy_is_batch_size_minus_one():
     assert ev["arm"] == "test:fillers"  # no arm given: the filler spec names it
 
 
+def test_continuous_admits_several_targets_together_and_keeps_the_batch_size():
+    backend = RecordingBackend(delay_s=0.2, filler_s=0.05)
+    members = tuple(Member(t, backend.render(t)) for t in TARGETS[:3])
+    result = dispatcher("continuous", {"fillers": "test:fillers", "batch_size": 8, "targets": 3,
+                                       "delay_s": 0.05}).run_group(backend, Group("c3", members), Sampling())
+    ev = result.evidence
+    assert ev["occupancy"] == 5 and ev["fillers_in_flight_at_admit"] == 5  # 3 targets + 5 fillers = batch 8
+    assert [g.text for g in result.generations] == [m.prompt[::-1] for m in members]
+    sent = [iv["sent"] for iv in ev["target_intervals"]]
+    assert len(sent) == 3 and max(sent) - min(sent) < 0.05
+    assert max(sent) < min(iv["finished"] for iv in ev["target_intervals"])  # all three ran together
+
+
+def test_plan_builds_continuous_groups_of_the_targets_option(tmp_path):
+    from evalhost.plan import build_plan
+    from evalhost.study import parse_study
+
+    text = """
+[study]
+name = "t"
+output_dir = "%s"
+[[models]]
+name = "toy"
+path = "toy"
+[[backends]]
+name = "vllm"
+options = { url = "http://127.0.0.1:9" }
+[[dispatchers]]
+name = "continuous"
+batch_sizes = [4, 8]
+options = { fillers = "builtin:benign", targets = 3 }
+[[tasks]]
+name = "mmlu_style"
+source = "builtin:mmlu_style"
+limit = 7
+""" % tmp_path
+    plan = build_plan(parse_study(text, tmp_path / "s.toml"), REGISTRY)
+    batch = [j for j in plan.jobs if j.condition == "batch"]
+    for bs in (4, 8):
+        sizes = sorted(len(j.members) for j in batch if j.batch_size == bs)  # a short last group is padded
+        assert sizes == [3, 3, 3] and all(j.dispatcher.options["batch_size"] == bs for j in batch
+                                          if j.batch_size == bs)
+    assert sorted(it.id for j in batch if j.batch_size == 4 for it, role in j.members if role == "target") == \
+        sorted(it.id for it in plan.tasks["mmlu_style"])
+    with pytest.raises(UserError, match="'targets' must be an integer >= 1"):
+        REGISTRY.get("dispatcher", "continuous").check_options({"targets": 0})
+
+
 def test_continuous_never_uses_the_target_as_its_own_filler():
     backend = RecordingBackend(delay_s=0.1, filler_s=0.05)
     group = Group("c2", (Member(TARGETS[2], backend.render(TARGETS[2])),))

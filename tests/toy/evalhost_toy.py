@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 import os
 import time
 
@@ -22,13 +23,36 @@ def _reply(prompt: str, batch: int) -> str:
 
 
 class ToyBackend(Backend):
+    """Options: ``delay`` (s per request), ``start_s`` (s to start), ``parallel_start`` (may start alongside
+    others), ``events`` (a file to append start/generate intervals to, one JSON line each), ``flavour`` (a free
+    axis value). Env ``EVALHOST_TOY_FAIL=<flavour>`` makes that flavour's third batch request fail."""
+
     capabilities = frozenset({PROMPT_LIST, CONCURRENT})
 
+    def _event(self, what, t0):
+        if self.options.get("events"):
+            with open(self.options["events"], "a") as fh:
+                fh.write(json.dumps({"flavour": self.options.get("flavour"), "what": what, "t0": t0,
+                                     "t1": time.time()}) + "\n")
+
+    def starts_alongside_others(self):
+        return bool(self.options.get("parallel_start"))
+
     def start(self):
+        t0 = time.time()
         self.delay = float(os.environ.get("EVALHOST_TOY_DELAY", self.options.get("delay", 0)))
+        self.calls = 0
+        time.sleep(float(self.options.get("start_s", 0)))
+        self._event("start", t0)
 
     def generate(self, prompts, sampling):
+        t0 = time.time()
+        self.calls += 1
+        fail = os.environ.get("EVALHOST_TOY_FAIL")
+        if fail and fail == self.options.get("flavour") and self.calls == 3:
+            raise RuntimeError(f"toy backend {self.options.get('flavour')} failed on purpose")
         time.sleep(self.delay)
+        self._event("generate", t0)
         now = time.time()
         return [Generation(_reply(p, len(prompts)), [ord(c) for c in _reply(p, len(prompts))], "stop",
                            {"sent": now, "finished": time.time()}) for p in prompts]
