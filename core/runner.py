@@ -65,6 +65,7 @@ def execute_work(work: BackendWork, sampling: Sampling, context: RunContext, ski
     todo = [j for j in work.jobs if not all(k in skip for k in j.keys())]
     if not todo:
         return
+    context = replace(context, work_label=work.label)
     backend = registry.get("backend", work.backend.plugin)(work.model, work.backend.options, context)
     dispatchers: dict[str, Any] = {}
     try:

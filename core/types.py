@@ -139,6 +139,7 @@ class RunContext:
     log: Callable[[str], None] = print
     load_items: Callable[[str], list[TaskItem]] | None = None  # resolve a task source spec, e.g. "builtin:benign"
     start_gate: Any = None  # a lock held while a backend starts, when several run at once (local --parallel)
+    work_label: str | None = None  # "model/backend label" of the work this backend serves (names its log files)
 
 
 class Backend:

@@ -275,3 +275,14 @@ def test_real_fleet_attached_with_urls(real_fleet, small_model, tmp_path):
     finally:
         attached.close()
     assert all(r.server.alive() for r in real_fleet.replicas())
+
+
+def test_configurations_of_one_backend_get_their_own_server_logs(small_model, tmp_path):
+    """Two matrix values of one backend (which may run at the same time with --parallel) never share a log file."""
+    import dataclasses
+
+    labels = [VLLMBackend(small_model, {}, dataclasses.replace(ctx(tmp_path), work_label=w)).label
+              for w in ("m/standard[attention_backend=TRITON_ATTN]", "m/standard[attention_backend=FLASH_ATTN]")]
+    assert labels == ["m_standard_attention_backend_TRITON_ATTN_", "m_standard_attention_backend_FLASH_ATTN_"]
+    assert VLLMBackend(small_model, {"label": "mine"}, ctx(tmp_path)).label == "mine"  # the option still wins
+    assert VLLMBackend(small_model, {}, ctx(tmp_path)).label == f"{small_model.name}-vllm"  # outside a run

@@ -307,7 +307,10 @@ class CompletionsBackend(Backend):
 
     @property
     def label(self) -> str:
-        raw = self.options.get("label") or f"{self.model.name}-{self.plugin_name}"
+        # option label, else the run's name of this configuration (distinct per matrix value: configurations
+        # running at the same time never share a server log), else model-plugin
+        raw = (self.options.get("label") or getattr(self.context, "work_label", None)
+               or f"{self.model.name}-{self.plugin_name}")
         return "".join(c if c.isalnum() or c in "-_." else "_" for c in str(raw))
 
     # -- tokenizer / rendering ---------------------------------------------------------------
