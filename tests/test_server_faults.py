@@ -246,3 +246,47 @@ def test_no_orphan_server_when_evalhost_exits_or_is_signalled(tmp_path, how):
         time.sleep(0.1)
     assert group_gone(pgid), f"the managed server survived {how}"  # SIGKILL: the parent-death signal stops it
     assert not port_in_use(port)
+
+
+def test_server_started_from_a_short_lived_thread_outlives_the_thread(tmp_path):
+    """Linux's parent-death signal follows the forking THREAD: servers are spawned from one long-lived thread, so a
+    replica started (or restarted) from a worker thread is not stopped when that thread returns (seen on the H100:
+    a fleet's replicas that started together all shut down the moment their start threads ended)."""
+    import threading
+
+    from evalhost.plugins.backends.server import free_port
+
+    port = free_port()
+    server = ManagedServer([sys.executable, str(FAKE), "--port", str(port), "--state", str(tmp_path / "n")],
+                           port=port, log_path=tmp_path / "t.log", startup_timeout_s=30, stop_timeout_s=5,
+                           log=lambda m: None)
+    t = threading.Thread(target=server.start)
+    t.start()
+    t.join()
+    try:
+        time.sleep(1.5)
+        assert server.alive() and not group_gone(server.pgid)
+    finally:
+        server.stop()
+    assert group_gone(server.pgid)
+
+
+CHILD_THREAD = CHILD.replace("server.start()\n", "import threading\nt = threading.Thread(target=server.start)\n"
+                                                  "t.start(); t.join()\n")
+
+
+def test_thread_started_server_still_dies_with_a_killed_parent(tmp_path):
+    import signal
+    import subprocess
+
+    proc = subprocess.Popen([sys.executable, "-c", CHILD_THREAD, str(tmp_path), str(FAKE), "wait"],
+                            stdout=subprocess.PIPE, text=True)
+    pgid, port = (int(x) for x in proc.stdout.readline().split())
+    time.sleep(1.0)
+    assert not group_gone(pgid)  # alive after its starting thread ended
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    deadline = time.monotonic() + 10
+    while not group_gone(pgid) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert group_gone(pgid), "the managed server survived SIGKILL of evalhost"

@@ -157,6 +157,9 @@ def test_fake_fleet_with_kv_cache_memory_bytes_starts_replicas_together(tmp_path
         assert took < 3 * 1.0 + 1.5  # 2 start times (r0, then r1-r3 together), not 4
         gens = fleet.generate_solo_many([f"prompt {i:02d} zz" for i in range(8)], Sampling(max_tokens=4))
         assert {g.extra["replica"] for g in gens} == {0, 1, 2, 3}
+        # the replicas outlived the threads that started them (no restart, no retried request)
+        assert fleet.evidence()["solo_fleet"]["restarts"] == [0, 0, 0, 0]
+        assert all(g.attempts == 1 and not g.restarted for g in gens)
     finally:
         fleet.close()
     assert fleet.replicas() == [fleet]

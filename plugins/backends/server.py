@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import atexit
 import os
+import queue
 import signal
 import socket
 import subprocess
@@ -113,6 +114,43 @@ def _die_with_parent() -> None:
     except OSError:
         pass
 
+class _Spawner:
+    """Starts child processes from ONE long-lived daemon thread. Linux sends the parent-death signal when the
+    *thread* that forked the child ends, not the process: a server started from a short-lived thread (a fleet's
+    replicas starting together, a restart inside a request pool) would be stopped as soon as that thread returned.
+    The spawner thread lives as long as the process, so the signal still fires exactly when evalhost dies."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+        self._jobs: "queue.Queue[tuple[dict, threading.Event, dict]]" = queue.Queue()
+
+    def popen(self, **kwargs) -> subprocess.Popen:
+        with self._lock:
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(target=self._loop, name="evalhost-spawner", daemon=True)
+                self._thread.start()
+        done, box = threading.Event(), {}
+        self._jobs.put((kwargs, done, box))
+        done.wait()
+        if "error" in box:
+            raise box["error"]
+        return box["proc"]
+
+    def _loop(self) -> None:
+        while True:
+            kwargs, done, box = self._jobs.get()
+            try:
+                box["proc"] = subprocess.Popen(**kwargs)  # noqa: S603 - argv list, no shell
+            except BaseException as exc:
+                box["error"] = exc
+            finally:
+                done.set()
+
+
+_SPAWNER = _Spawner()
+
+
 class ManagedServer:
     """One server process. ``argv`` must already contain the host/port arguments (see :attr:`port`)."""
 
@@ -182,8 +220,8 @@ class ManagedServer:
             self.log_offset = fh.tell()
             fh.write(f"=== evalhost: starting {self.label} (start #{self.starts + 1}) at {time.ctime()}\n".encode())
             fh.flush()
-            self.proc = subprocess.Popen(  # noqa: S603 - argv list, no shell
-                self.argv,
+            self.proc = _SPAWNER.popen(
+                args=self.argv,
                 stdout=fh,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
