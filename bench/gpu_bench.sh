@@ -5,6 +5,7 @@
 #   bash bench/gpu_bench.sh                      # phases: fleet, then invariant (default)
 #   bash bench/gpu_bench.sh fleet                # one phase; also: invariant, overhead
 #   REPLICAS=8 PROMPTS=288 MAX_TOKENS=256 DEADLINE_S=1140 bash bench/gpu_bench.sh
+#   KV_BYTES=2147483648 DEADLINE_S=1500 bash bench/gpu_bench.sh fleet invariant   # replicas 1..N-1 start together
 #
 # Start it detached so it outlives one device call, then poll:
 #   setsid nohup bash bench/gpu_bench.sh > /tmp/bench/gpu_bench.log 2>&1 &      (mkdir -p /tmp/bench first)
@@ -29,6 +30,7 @@ MAX_TOKENS=${MAX_TOKENS:-256}
 UTIL=${UTIL:-0.8}                 # the fleet's total: each of N replicas gets UTIL / N (8 -> 0.1)
 ATTN=${ATTN:-TRITON_ATTN}         # as in Study D (FA3 can break batch invariance on Hopper)
 DEADLINE_S=${DEADLINE_S:-1140}
+KV_BYTES=${KV_BYTES:-}            # set (e.g. 2147483648): fixed KV cache per replica, replicas 1..N-1 start together
 PHASES=("$@")
 [[ ${#PHASES[@]} -gt 0 ]] || PHASES=(fleet invariant)
 
@@ -86,6 +88,9 @@ for idx in "${!PHASES[@]}"; do
       # replicas that fit: per-start seconds measured above (else 110 s; 280 s for a cold first start), work from
       # the measured batch-1 speed (else 0.4 s a prompt): sequential + two fleet passes + warm-ups
       budget=$(( $(left) - $(reserve_after "$idx") ))
+      if [[ -n $KV_BYTES ]]; then  # replica 0, then the others together: about two start times for any N
+        fit=$(( budget > 700 ? REPLICAS : 0 ))
+      else
       fit=$(python3 - "$OUT/invariant_cost.json" "$budget" "$REPLICAS" "$PROMPTS" "$MAX_TOKENS" <<'EOF'
 import json, math, sys
 path = sys.argv[1]
@@ -103,6 +108,7 @@ n = 1 + math.floor((left - 60 - first - work) / (start * 1.15))
 print(max(0, min(want, n)))
 EOF
 )
+      fi
       if (( fit < 2 )); then
         skip solo_fleet "not enough time for 2 replicas (${budget} s of $(left) s left)"; continue
       fi
@@ -110,7 +116,7 @@ EOF
       run_phase solo_fleet "$(( budget - 10 ))" \
         python3 bench/solo_fleet.py "${COMMON[@]}" --replicas "$fit" --gpu-memory-utilization "$UTIL" \
         --prompts "$PROMPTS" --max-tokens "$MAX_TOKENS" --baseline replica0 \
-        --run-dir "$OUT/fleet_run"
+        ${KV_BYTES:+--kv-cache-memory-bytes "$KV_BYTES" --no-chunked} --run-dir "$OUT/fleet_run"
       if [[ -s $OUT/solo_fleet.json ]] && (( fit < REPLICAS )); then
         python3 - "$OUT/solo_fleet.json" "$REPLICAS" <<'EOF'
 import json, sys
