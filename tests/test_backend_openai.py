@@ -92,3 +92,49 @@ def test_key_never_in_errors_or_logs(small_model, tmp_path, monkeypatch):
     finally:
         server.stop()
     assert SECRET not in (tmp_path / "fake.log").read_text()
+
+
+# -- client-side rendering (no server) ---------------------------------------------------------
+def _item() -> TaskItem:
+    return TaskItem(id="q1", task="t", domain="capability", prompt="Name a fruit.")
+
+
+def test_backends_loading_tokenizers_at_once_all_render_with_the_chat_template(small_model, tmp_path):
+    """`evalhost run --parallel 4` loads four tokenizers in four threads; on the H100 three of them used to fail
+    inside transformers and silently fell back to raw prompts. Every backend must render the chat template."""
+    import threading
+
+    backends = [make(small_model, {"base_url": "http://127.0.0.1:9", "model": "m"}, tmp_path, []) for _ in range(4)]
+    out: dict[int, str] = {}
+    barrier = threading.Barrier(len(backends))
+
+    def render(i: int) -> None:
+        barrier.wait()
+        out[i] = backends[i].render(_item())
+
+    threads = [threading.Thread(target=render, args=(i,)) for i in range(len(backends))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(set(out.values())) == 1 and "<|im_start|>assistant" in out[0]
+    assert all(b.fingerprint()["chat_template"] is True for b in backends)  # the resolved fact, not "auto"
+
+
+def test_a_tokenizer_that_fails_to_load_is_an_error_not_raw_prompts(small_model_path, tmp_path):
+    import shutil
+
+    from evalhost.types import ModelSpec
+
+    broken = tmp_path / "broken-model"
+    shutil.copytree(small_model_path, broken)
+    (broken / "tokenizer.json").write_text("{ not json")
+    (broken / "tokenizer_config.json").write_text("{ not json")
+    backend = make(ModelSpec("broken", str(broken)), {"base_url": "http://127.0.0.1:9", "model": "m"}, tmp_path, [])
+    with pytest.raises(UserError, match=r"cannot load the tokenizer from .*broken-model"):
+        backend.render(_item())
+    # a model directory without tokenizer files: plain prompts, and the fingerprint says so
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    plain = make(ModelSpec("bare", str(bare)), {"base_url": "http://127.0.0.1:9", "model": "m"}, tmp_path, [])
+    assert plain.render(_item()) == _item().plain_text() and plain.fingerprint()["chat_template"] is False

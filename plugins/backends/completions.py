@@ -276,6 +276,20 @@ def payload_for(model: str, prompt: str | list[str], sampling: Sampling, return_
     return payload
 
 
+# transformers' lazy module imports are not thread-safe: four backends loading their tokenizers at once
+# (`evalhost run --parallel 4` on the H100) made three of them fail, and before the check below they silently
+# rendered raw prompts. One load at a time per process.
+_TOKENIZER_LOAD_LOCK = threading.Lock()
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
+
+
+def has_tokenizer_files(path: str) -> bool:
+    """Whether a local model directory ships a tokenizer (so failing to load it is an error, not "no tokenizer")."""
+    from pathlib import Path
+
+    return any((Path(path) / name).is_file() for name in TOKENIZER_FILES)
+
+
 class CompletionsBackend(Backend):
     """Base of backends that talk to a ``/v1/completions`` endpoint (``vllm``, ``vllm-invariant``, ``openai``).
 
@@ -324,23 +338,27 @@ class CompletionsBackend(Backend):
         return resolve_model_path(self.model.path, log=self.context.log)
 
     def tokenizer(self):
-        """The model's tokenizer (local files only), or None when none is available."""
+        """The model's tokenizer (local files only), or None when the model has none (no tokenizer files). A
+        tokenizer that exists but fails to load is an error, never a silent switch to raw prompts."""
         with self._tokenizer_lock:
             if not self._tokenizer_loaded:
-                self._tokenizer_loaded = True
                 path = self._tokenizer_path()
                 if path is not None:
                     try:
-                        from transformers import AutoTokenizer
+                        with _TOKENIZER_LOAD_LOCK:
+                            from transformers import AutoTokenizer
 
-                        self._tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+                            self._tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
                     except Exception as exc:
-                        if self.options.get("tokenizer") or self.options.get("chat_template"):
+                        if (self.options.get("tokenizer") or self.options.get("chat_template")
+                                or has_tokenizer_files(path)):
                             raise UserError(
-                                f"cannot load the tokenizer from {path} ({type(exc).__name__}); set the backend "
-                                f"option tokenizer to a local checkpoint directory, or chat_template = false"
+                                f"cannot load the tokenizer from {path} ({type(exc).__name__}: "
+                                f"{str(exc)[:200]}); fix or install it (transformers is in evalhost[hf]), set the "
+                                f"backend option tokenizer to a local checkpoint directory, or chat_template = false"
                             ) from None
                         self._tokenizer = None
+                self._tokenizer_loaded = True
             return self._tokenizer
 
     def uses_chat_template(self) -> bool:

@@ -105,7 +105,7 @@ class OpenAIBackend(CompletionsBackend):
             "server_version": version,
             "api_key_env": self.options.get("api_key_env"),  # the variable's name only, never its value
             "token_ids_source": self.token_ids_source,
-            "chat_template": self.options.get("chat_template", "auto"),
+            "chat_template": self.uses_chat_template(),  # resolved: were prompts rendered with the template?
         }
 
 

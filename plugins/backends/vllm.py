@@ -518,7 +518,7 @@ class VLLMBackend(CompletionsBackend):
             "attention_backend": self.options.get("attention_backend") or "auto",
             "env": self.env_flags(self.server_env() if self.managed else None),
             "token_ids_source": self.token_ids_source,
-            "chat_template": self.options.get("chat_template", "auto"),
+            "chat_template": self.uses_chat_template(),  # resolved: were prompts rendered with the template?
         }
         if not self.managed:
             fp["url"] = self.base_url
