@@ -129,7 +129,8 @@ class CompletionsClient:
 
         with self._lock:
             if self._client is None:
-                self._client = httpx.Client(headers=self._headers(), timeout=self._timeout())
+                self._client = httpx.Client(headers=self._headers(), timeout=self._timeout(),
+                                            limits=httpx.Limits(keepalive_expiry=KEEPALIVE_EXPIRY_S))
             return self._client
 
     def close(self) -> None:
@@ -223,7 +224,8 @@ class CompletionsClient:
         clients = self.__dict__.setdefault("_async_clients", {})
         client = clients.get(id(loop))
         if client is None or client.is_closed:
-            limits = httpx.Limits(max_connections=None, max_keepalive_connections=256)
+            limits = httpx.Limits(max_connections=None, max_keepalive_connections=256,
+                                  keepalive_expiry=KEEPALIVE_EXPIRY_S)
             client = httpx.AsyncClient(headers=self._headers(), timeout=self._timeout(), limits=limits)
             clients[id(loop)] = client
         return client
@@ -275,6 +277,11 @@ def payload_for(model: str, prompt: str | list[str], sampling: Sampling, return_
         payload["return_token_ids"] = True
     return payload
 
+
+# vLLM's HTTP server closes a connection idle for 5 s (VLLM_HTTP_TIMEOUT_KEEP_ALIVE), which is also httpx's default
+# pool expiry: a request on a connection idle for ~5 s raced the server's close and failed with ReadError (seen once
+# per server start on the H100, and on filler requests). Drop idle connections well before the server does.
+KEEPALIVE_EXPIRY_S = 2.0
 
 # transformers' lazy module imports are not thread-safe: four backends loading their tokenizers at once
 # (`evalhost run --parallel 4` on the H100) made three of them fail, and before the check below they silently
