@@ -109,6 +109,8 @@ def validate(run_dir, as_json):
     else:
         click.echo(f"{result['records']} records ({result.get('solo', 0)} solo, {result.get('batch', 0)} batch) in "
                    f"{result.get('cells', 0)} cells; run status: {result.get('status')}")
+        for w in result.get("warnings", []):
+            click.echo(f"warning: {w}")
         for e in result["errors"]:
             click.echo(f"error: {e}")
         click.echo("ok" if not result["errors"] else f"{len(result['errors'])} error(s)")

@@ -415,6 +415,11 @@ def write_report(run_dir: str | Path, seed: int = 0, plots: bool = True) -> Path
     show_cells = summary["counts"]["backend_configs"] > 1 or summary["counts"]["max_repeat"] > 0
 
     parts = [_header(run_dir, manifest, summary)]
+    from .validate import prompts_across_backends
+
+    warnings = prompts_across_backends(records)
+    if warnings:
+        parts.append("**Warning:** " + "; ".join(warnings) + ".")
     if summary["counts"]["pairs"]:
         parts += [_headline(summary), _breakdowns(summary, made), _distributions(summary, made)]
     else:

@@ -61,8 +61,43 @@ def validate_run(run_dir: str | Path) -> dict[str, Any]:
     for label, fids in per_backend.items():
         if len(fids) > 1:
             errors.append(f"backend {label} has records from {len(fids)} different stacks: {sorted(fids)}")
+    errors += _prompt_mismatches(records)
     return {
         "records": len(records), "solo": sum(r.get("condition") == "solo" for r in records),
         "batch": sum(r.get("condition") == "batch" for r in records), "cells": len({r.get("cell") for r in records}),
-        "status": manifest.get("status"), "errors": errors,
+        "status": manifest.get("status"), "errors": errors, "warnings": prompts_across_backends(records),
     }
+
+
+def _prompt_mismatches(records: list[dict[str, Any]]) -> list[str]:
+    """A batch record must carry the same prompt as the solo record it is paired with."""
+    solo = {(r.get("model"), r.get("backend"), r.get("task"), r.get("item_id")): r.get("prompt_sha256")
+            for r in records if r.get("condition") == "solo" and r.get("repeat") == 0}
+    bad = [r.get("key") for r in records if r.get("condition") == "batch"
+           and solo.get((r.get("model"), r.get("backend"), r.get("task"), r.get("item_id")), r.get("prompt_sha256"))
+           != r.get("prompt_sha256")]
+    out = [f"batch record {k} was sent a different prompt than its solo record" for k in bad[:20]]
+    if len(bad) > 20:
+        out.append(f"... and {len(bad) - 20} more batch records whose prompt differs from their solo record's")
+    return out
+
+
+def prompts_across_backends(records: list[dict[str, Any]]) -> list[str]:
+    """Backends of one model that sent the same item as different prompts: comparisons between those backends
+    compare different inputs (e.g. one rendered the chat template and the other did not)."""
+    seen: dict[tuple, dict[str, str]] = {}
+    for r in records:
+        if r.get("condition") == "solo" and r.get("repeat") == 0:
+            seen.setdefault((r.get("model"), r.get("task"), r.get("item_id")), {})[r.get("backend")] = \
+                r.get("prompt_sha256")
+    differ = [(k, v) for k, v in seen.items() if len(set(v.values())) > 1]
+    if not differ:
+        return []
+    (model, task, item), by_backend = differ[0]
+    groups: dict[str, list[str]] = {}
+    for backend, sha in sorted(by_backend.items()):
+        groups.setdefault(sha, []).append(backend)
+    example = " vs ".join(", ".join(g) for g in groups.values())
+    return [f"{len(differ)} of {len(seen)} items were sent as different prompts by different backends of the same "
+            f"model (e.g. {model} {task}/{item}: {example}); comparisons between those backends compare different "
+            f"inputs - check each backend's fingerprint (chat_template) and tokenizer"]

@@ -103,3 +103,29 @@ def test_parallel_option_is_checked(tmp_path, toy_env, capsys):
     assert stop.value.code == 2 and "--parallel is an option of the local executor" in capsys.readouterr().err
     result = CliRunner().invoke(cli, ["run", str(study), "--parallel", "2", "--dry-run"])
     assert result.exit_code == 0 and "up to 2 at a time" in result.output
+
+
+def test_validate_flags_prompts_that_differ_between_paired_records_and_between_backends(tmp_path, toy_env,
+                                                                                      monkeypatch):
+    """The 246-target H100 run had three of four backends send raw prompts; validate now says so."""
+    monkeypatch.setenv("EVALHOST_SOLO_CACHE", "0")
+    run_dir = _run(_study(tmp_path), executor_options={"parallel": 3})
+    assert validate_run(run_dir)["warnings"] == []
+    path = run_dir / "records.jsonl"
+    records = read_records(path)
+    for r in records:  # backend b "rendered" every prompt differently, consistently solo and batch
+        if r["backend"].endswith("[flavour=b]"):
+            r["prompt_sha256"] = "0" * 64
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    result = validate_run(run_dir)
+    assert result["errors"] == []
+    assert len(result["warnings"]) == 1 and result["warnings"][0].startswith("8 of 8 items were sent as different "
+                                                                            "prompts by different backends")
+    from evalhost.report import write_report
+
+    assert "**Warning:** 8 of 8 items were sent as different prompts" in write_report(run_dir, plots=False).read_text()
+    batch = next(r for r in records if r["condition"] == "batch" and r["backend"].endswith("[flavour=a]"))
+    batch["prompt_sha256"] = "1" * 64
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    errors = validate_run(run_dir)["errors"]
+    assert errors == [f"batch record {batch['key']} was sent a different prompt than its solo record"]
