@@ -338,10 +338,13 @@ def _repeat_sentence(rd: Mapping[str, Any]) -> str:
     return "The same request differs from itself: " + "; ".join(parts) + "."
 
 
-def _cells(summary: Mapping[str, Any], plot: str | None) -> str:
+def _cells(summary: Mapping[str, Any], plot: str | None, parallel: int = 1) -> str:
     rd = summary["repeat_disagreement"]
     out = ["## Per-cell invariance", "",
            _repeat_sentence(rd), ""]
+    if parallel > 1:
+        out += [f"Backend configurations ran up to {parallel} at a time on one machine (`--parallel {parallel}`): "
+                f"tok/s describe the shared machine, not one configuration alone.", ""]
     rows = []
     for c in summary["cells"]:
         rows.append([c["cell"], _compact(c["backend_config"], 80), c["records"], c["pairs"] or "—",
@@ -437,7 +440,8 @@ def write_report(run_dir: str | Path, seed: int = 0, plots: bool = True) -> Path
     if "adjudication" in summary:
         parts.append(_adjudication(summary["adjudication"]))
     if show_cells:
-        parts.append(_cells(summary, made.get("invariance")))
+        parallel = int((manifest.get("executor") or {}).get("parallel") or 1)
+        parts.append(_cells(summary, made.get("invariance"), parallel))
     sections, problems = _plugin_sections(summary, records)
     parts += sections
     notes += problems

@@ -67,6 +67,11 @@ def test_parallel_configurations_overlap_with_starts_one_at_a_time(tmp_path, toy
     assert manifest["executor"]["parallel"] == 3 and manifest["status"] == "complete"
     assert len(manifest["backend_fingerprints"]) == 3
     assert validate_run(parallel)["errors"] == []
+    from evalhost.report import write_report
+
+    text = write_report(parallel, plots=False).read_text()
+    assert "ran up to 3 at a time on one machine (`--parallel 3`): tok/s describe the shared machine" in text
+    assert "at a time on one machine" not in write_report(sequential, plots=False).read_text()
 
 
 def test_backends_that_allow_it_start_together(tmp_path, toy_env, monkeypatch):
