@@ -290,3 +290,13 @@ def test_thread_started_server_still_dies_with_a_killed_parent(tmp_path):
     while not group_gone(pgid) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert group_gone(pgid), "the managed server survived SIGKILL of evalhost"
+
+
+def test_free_port_never_hands_out_the_same_port_twice():
+    """Replicas starting together each ask for a free port before any binds it; the kernel may offer the same
+    free port again (CI saw two replicas of a fleet get one port), so free_port remembers what it handed out."""
+    from evalhost.plugins.backends.server import free_port
+
+    ports = [free_port() for _ in range(300)]
+    assert len(set(ports)) == len(ports)
+    assert not any(port_in_use(p) for p in ports[:5])

@@ -33,11 +33,28 @@ _LIVE_LOCK = threading.Lock()
 _HANDLERS_INSTALLED = False
 
 
+_HANDED_OUT: dict[int, float] = {}  # port -> when free_port returned it
+_HANDED_OUT_LOCK = threading.Lock()
+_PORT_HOLD_S = 600.0  # a server may take minutes to bind the port it was given
+
+
 def free_port(host: str = HOST) -> int:
-    """A port nothing listens on right now (the kernel picks it)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
+    """A port nothing listens on right now (the kernel picks it) and that this process has not handed out in the
+    last ten minutes: servers starting at the same time (a fleet's replicas, --parallel configurations) each get
+    their own port even before any of them has bound it (the kernel may offer the same free port twice)."""
+    with _HANDED_OUT_LOCK:
+        now = time.monotonic()
+        for port, when in list(_HANDED_OUT.items()):
+            if now - when > _PORT_HOLD_S:
+                del _HANDED_OUT[port]
+        for _ in range(100):
+            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+                s.bind((host, 0))
+                port = s.getsockname()[1]
+            if port not in _HANDED_OUT:
+                _HANDED_OUT[port] = now
+                return port
+    raise RunError("could not find a free TCP port on 127.0.0.1 that this process has not already handed out")
 
 
 def port_in_use(port: int, host: str = HOST) -> bool:
