@@ -45,6 +45,8 @@ def run(study, dry_run, resume, executor, address, parallel, target_mde, baselin
     if no_solo_cache:
         os.environ["EVALHOST_SOLO_CACHE"] = "0"
 
+    if address and executor == "local":
+        raise UserError("--address is the Ray cluster to run on; add --executor ray (the local executor runs here)")
     opts = {"address": address} if address else {}
     if parallel is not None:
         if executor != "local":

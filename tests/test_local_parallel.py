@@ -92,6 +92,12 @@ def test_a_failing_configuration_stops_the_run_and_resume_finishes_it(tmp_path, 
     manifest = json.loads((run_dir / "manifest.json").read_text())
     assert manifest["status"].startswith("stopped: toy backend b failed")
     assert kept and len({r["key"] for r in kept}) == len(kept) < 3 * 8 * 3
+    # the other configurations finished the group they were generating, and those groups were recorded too
+    # (the toy backend logs one generate event per group: solo groups and prompt_list groups alike)
+    gens = _events(tmp_path, "generate")
+    for flavour in ("a", "c"):
+        groups = {(r["cell"], r["group_id"]) for r in kept if r["backend"].endswith(f"[flavour={flavour}]")}
+        assert len(groups) == len(gens.get(flavour, [])), flavour
     monkeypatch.delenv("EVALHOST_TOY_FAIL")
     _run(study, resume=run_dir, executor_options={"parallel": 3})
     done = read_records(run_dir / "records.jsonl")
@@ -106,6 +112,10 @@ def test_parallel_option_is_checked(tmp_path, toy_env, capsys):
     with pytest.raises(SystemExit) as stop:
         main(["run", str(study), "--executor", "ray", "--parallel", "2"])
     assert stop.value.code == 2 and "--parallel is an option of the local executor" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as stop:
+        main(["run", str(study), "--address", "ray://head:10001"])
+    assert stop.value.code == 2 and "--address is the Ray cluster to run on; add --executor ray" in \
+        capsys.readouterr().err
     result = CliRunner().invoke(cli, ["run", str(study), "--parallel", "2", "--dry-run"])
     assert result.exit_code == 0 and "up to 2 at a time" in result.output
 

@@ -145,16 +145,13 @@ def test_fake_fleet_with_kv_cache_memory_bytes_starts_replicas_together(tmp_path
     fleet, lines = fake_fleet(tmp_path, 4, {i: ["--startup-delay", "1.0"] for i in range(4)})
     fleet.options["kv_cache_memory_bytes"] = 1 << 28
     try:
-        t0 = time.monotonic()
         fleet.start()
-        took = time.monotonic() - t0
         assert fleet.starts_alongside_others() and len(fleet.replicas()) == 4
         ready = {line.split("'")[1]: i for i, line in enumerate(lines) if "ready on" in line}
         began = {line.split(":")[0]: i for i, line in enumerate(lines) if ": starting vllm server on" in line}
         assert set(ready) == set(began) == {"fake", "fake-r1", "fake-r2", "fake-r3"}
         assert all(ready["fake"] < began[f"fake-r{i}"] for i in (1, 2, 3))  # replica 0 first, alone
         assert max(began[f"fake-r{i}"] for i in (1, 2, 3)) < min(ready[f"fake-r{i}"] for i in (1, 2, 3))
-        assert took < 3 * 1.0 + 1.5  # 2 start times (r0, then r1-r3 together), not 4
         gens = fleet.generate_solo_many([f"prompt {i:02d} zz" for i in range(8)], Sampling(max_tokens=4))
         assert {g.extra["replica"] for g in gens} == {0, 1, 2, 3}
         # the replicas outlived the threads that started them (no restart, no retried request)

@@ -16,6 +16,7 @@ import difflib
 import os
 import threading
 import time
+from pathlib import Path
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -292,8 +293,6 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
 
 def has_tokenizer_files(path: str) -> bool:
     """Whether a local model directory ships a tokenizer (so failing to load it is an error, not "no tokenizer")."""
-    from pathlib import Path
-
     return any((Path(path) / name).is_file() for name in TOKENIZER_FILES)
 
 

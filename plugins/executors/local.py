@@ -51,7 +51,8 @@ class LocalExecutor(Executor):
 
     def _run_threads(self, works, sampling, context, skip, on_event) -> None:
         """Workers run :func:`execute_work` and queue its events; this (the driver's) thread calls ``on_event``.
-        On an error or interrupt the workers stop after their current group and close their backends."""
+        On an error or interrupt the workers stop after their current group (which is still recorded) and close
+        their backends."""
         context = dataclasses.replace(context, start_gate=threading.Lock())
         events: queue.Queue = queue.Queue()
         stop = threading.Event()
@@ -92,7 +93,7 @@ class LocalExecutor(Executor):
                     if error is None:
                         error = event
                     stop.set()
-                elif error is None:
+                else:  # also after another worker failed: the groups finished meanwhile are kept
                     on_event(event)
         except BaseException:
             stop.set()
