@@ -293,10 +293,13 @@ def test_thread_started_server_still_dies_with_a_killed_parent(tmp_path):
 
 
 def test_free_port_never_hands_out_the_same_port_twice():
-    """Replicas starting together each ask for a free port before any binds it; the kernel may offer the same
-    free port again (CI saw two replicas of a fleet get one port), so free_port remembers what it handed out."""
-    from evalhost.plugins.backends.server import free_port
+    """Replicas starting together each ask for a free port before any binds it (CI saw two replicas of a fleet end
+    up on one port): free_port remembers what it handed out and stays out of the ephemeral range."""
+    from evalhost.plugins.backends.server import ephemeral_range, free_port
 
     ports = [free_port() for _ in range(300)]
     assert len(set(ports)) == len(ports)
     assert not any(port_in_use(p) for p in ports[:5])
+    # below the range the kernel hands to outgoing connections, which cannot then take a port a server was given
+    low, _ = ephemeral_range()
+    assert all(p < low for p in ports)

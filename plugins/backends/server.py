@@ -36,25 +36,44 @@ _HANDLERS_INSTALLED = False
 _HANDED_OUT: dict[int, float] = {}  # port -> when free_port returned it
 _HANDED_OUT_LOCK = threading.Lock()
 _PORT_HOLD_S = 600.0  # a server may take minutes to bind the port it was given
+_LOWEST_PORT = 20000
+
+
+def ephemeral_range() -> tuple[int, int]:
+    """The ports the kernel gives to outgoing connections (Linux's ip_local_port_range; its default elsewhere)."""
+    try:
+        low, high = (int(x) for x in Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+        return low, high
+    except (OSError, ValueError):
+        return 32768, 60999
 
 
 def free_port(host: str = HOST) -> int:
-    """A port nothing listens on right now (the kernel picks it) and that this process has not handed out in the
-    last ten minutes: servers starting at the same time (a fleet's replicas, --parallel configurations) each get
-    their own port even before any of them has bound it (the kernel may offer the same free port twice)."""
+    """A port nothing listens on, below the kernel's ephemeral range, that this process has not handed out in the
+    last ten minutes. Below the ephemeral range: a server may take minutes to bind its port, and meanwhile any
+    outgoing connection (e.g. a health poll of another replica) could be given the same port by the kernel (CI saw
+    two servers starting together collide this way). Not handed out before: servers starting at the same time each
+    get their own port."""
+    import random
+
+    low, _ = ephemeral_range()
+    candidates = range(_LOWEST_PORT, low) if low - _LOWEST_PORT >= 1000 else None
     with _HANDED_OUT_LOCK:
         now = time.monotonic()
         for port, when in list(_HANDED_OUT.items()):
             if now - when > _PORT_HOLD_S:
                 del _HANDED_OUT[port]
-        for _ in range(100):
-            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-                s.bind((host, 0))
-                port = s.getsockname()[1]
-            if port not in _HANDED_OUT:
+        for _ in range(200):
+            if candidates is not None:
+                port = random.choice(candidates)
+            else:  # an unusual ephemeral range: let the kernel pick
+                with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+                    s.bind((host, 0))
+                    port = s.getsockname()[1]
+            if port not in _HANDED_OUT and not port_in_use(port, host):
                 _HANDED_OUT[port] = now
                 return port
-    raise RunError("could not find a free TCP port on 127.0.0.1 that this process has not already handed out")
+    raise RunError(f"could not find a free TCP port on {host}; stop some servers or give the backend option port")
 
 
 def port_in_use(port: int, host: str = HOST) -> bool:
