@@ -338,10 +338,23 @@ def _repeat_sentence(rd: Mapping[str, Any]) -> str:
     return "The same request differs from itself: " + "; ".join(parts) + "."
 
 
+def _prefix_cached_disagreement(cells: Sequence[Mapping[str, Any]]) -> list[str]:
+    """Backends whose repeats disagreed while vLLM's prefix caching was on (the default)."""
+    return sorted({str(c["backend"]) for c in cells
+                   if c["repeat_disagreement"]["k"] and str(c.get("backend_plugin")).startswith("vllm")
+                   and (c.get("backend_config") or {}).get("prefix_caching") is not False})
+
+
 def _cells(summary: Mapping[str, Any], plot: str | None, parallel: int = 1) -> str:
     rd = summary["repeat_disagreement"]
     out = ["## Per-cell invariance", "",
            _repeat_sentence(rd), ""]
+    cached = _prefix_cached_disagreement(summary["cells"])
+    if cached:
+        out += [f"Repeats disagreed on {', '.join(cached)} with vLLM's prefix caching on (the default): a repeat "
+                f"can reuse KV blocks that an earlier request computed under another batch shape, so its output "
+                f"depends on what the server ran before, not only on the request. Set the backend option "
+                f"`prefix_caching = false` to compute every request afresh.", ""]
     if parallel > 1:
         out += [f"Backend configurations ran up to {parallel} at a time on one machine (`--parallel {parallel}`): "
                 f"tok/s describe the shared machine, not one configuration alone.", ""]

@@ -175,6 +175,22 @@ def test_run_without_pairs_says_so(tmp_path):
     assert "## Per-cell invariance" in md  # solo repeats are still reported
 
 
+def test_repeat_disagreement_with_prefix_caching_on_names_the_option(tmp_path):
+    """vLLM repeats that disagree with prefix caching on (unset = vLLM's default) point at prefix_caching = false;
+    with the option off the sentence is gone (the disagreement itself is still reported)."""
+    run = tmp_path / "run5"
+    build_run(run)
+    md = write_report(run, plots=False).read_text()
+    assert "Repeats disagreed on vllm with vLLM's prefix caching on" in md and "`prefix_caching = false`" in md
+    records = [json.loads(line) for line in (run / "records.jsonl").read_text().splitlines()[:-1]]
+    for r in records:
+        r["backend_config"] = {**r["backend_config"], "prefix_caching": False}
+    (run / "records.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    md = write_report(run, plots=False).read_text()
+    assert "The same request differs from itself: solo repeats > 0 differ" in md
+    assert "with vLLM's prefix caching on" not in md
+
+
 def test_missing_records_is_one_clear_sentence(tmp_path):
     with pytest.raises(UserError, match="no records.jsonl"):
         write_report(tmp_path)

@@ -31,8 +31,9 @@ server does.  The fingerprint adds ``"replicas": N``.  To attach to N servers th
 **Prefix caching** (option ``prefix_caching``, default: vLLM's own, on): ``false`` passes
 ``--no-enable-prefix-caching``, so no request reuses KV blocks an earlier request computed.  With caching on, in
 standard mode a prompt's output can depend on what the server saw before (a repeat reuses cached KV computed under
-another batch shape); on the H100 one solo prompt in 246 gave a different answer on its 2nd and 3rd run, the same
-in two runs (docs/results/h100-invariance).  The flag is in ``server_args`` of the fingerprint.
+another kernel shape): on the H100 one solo prompt in 246 gave a different answer on its 2nd and 3rd run, in every
+run with caching on and in none with it off (docs/results/h100-invariance, run 4).  The flag is in
+``server_args`` of the fingerprint.
 
 ``vllm-invariant`` sets ``VLLM_BATCH_INVARIANT=1`` and refuses to generate unless the server log proves the
 batch-invariant kernels were registered (torch's "Overriding a previously registered kernel" warnings pointing at

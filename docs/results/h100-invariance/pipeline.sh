@@ -1,7 +1,8 @@
 #!/bin/bash
 # Runs ON the H100 (device tool) after device-setup.sh: a stress study, then validate + report.
 #   bash docs/results/h100-invariance/pipeline.sh                                  # run 1: stress.toml, 32 targets
-#   bash docs/results/h100-invariance/pipeline.sh stress-246.toml --parallel 4     # run 2: 246 targets
+#   bash docs/results/h100-invariance/pipeline.sh stress-246.toml --parallel 4     # runs 2 and 3: 246 targets
+#   bash docs/results/h100-invariance/pipeline.sh prefix-cache.toml --parallel 4   # run 4: prefix caching on/off
 # Start detached (setsid) and poll /tmp/stress.log; results in /tmp/runs/<study name>-*.
 set -euo pipefail
 R=docs/results/h100-invariance

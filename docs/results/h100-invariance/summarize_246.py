@@ -1,6 +1,7 @@
 """Numbers for README.md's section on the 246-target run, from its records (run from the repository root):
 
-    python docs/results/h100-invariance/summarize_246.py
+    python docs/results/h100-invariance/summarize_246.py                  # run 3 (chat prompts everywhere)
+    python docs/results/h100-invariance/summarize_246.py <run directory>  # e.g. run 2, h100_invariance_stress_246-20261124-071302
 
 Per configuration: how prompts were rendered (chat template or raw; see README), pairs, text changes vs solo, the
 same restricted to pairs whose solo output is not empty, solo repeat disagreements, and per dispatcher x size."""
@@ -10,15 +11,16 @@ import collections
 import gzip
 import hashlib
 import json
+import sys
 from pathlib import Path
 
 from evalhost.stats import wilson
 
-RUN = Path(__file__).parent / "h100_invariance_stress_246-20261124-071302"
+RUN = Path(__file__).parent / "h100_invariance_stress_246-20261124-105711"
 
 
-def main() -> None:
-    recs = [json.loads(line) for line in gzip.open(RUN / "records.jsonl.gz")]
+def main(run: Path = RUN) -> None:
+    recs = [json.loads(line) for line in gzip.open(run / "records.jsonl.gz")]
     from evalhost.plan import load_task
     from evalhost.registry import get_registry
     from evalhost.study import TaskSpec
@@ -73,4 +75,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    main(Path(sys.argv[1]) if len(sys.argv) > 1 else RUN)
