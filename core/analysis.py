@@ -228,7 +228,8 @@ def cells_table(records: Sequence[Mapping[str, Any]], pairs: Sequence[Mapping[st
         cp = by_cell_pairs.get(cell, [])
         rows.append({
             "cell": cell, "model": r0.get("model"), "backend": r0.get("backend"),
-            "backend_plugin": r0.get("backend_plugin"), "backend_config": r0.get("backend_config"), "task": r0.get("task"),
+            "backend_plugin": r0.get("backend_plugin"), "backend_config": r0.get("backend_config"),
+            "task": r0.get("task"),
             "dispatcher": r0.get("dispatcher"), "batch_size": r0.get("batch_size"),
             "condition": r0.get("condition"), "records": len(recs), "pairs": len(cp),
             "text_changes": st.proportion(sum(p["text_change"] for p in cp), len(cp)),

@@ -351,8 +351,9 @@ def _cells(summary: Mapping[str, Any], plot: str | None, parallel: int = 1) -> s
            _repeat_sentence(rd), ""]
     cached = _prefix_cached_disagreement(summary["cells"])
     if cached:
-        out += [f"Repeats disagreed on {', '.join(cached)} with vLLM's prefix caching on (the default): a repeat "
-                f"can reuse KV blocks that an earlier request computed under another batch shape, so its output "
+        out += [f"Repeats disagreed on {', '.join(cached)} with vLLM's prefix caching on (vLLM's default when the "
+                f"option is unset): a repeat can reuse KV blocks that an earlier request computed under another "
+                f"kernel shape, so its output "
                 f"depends on what the server ran before, not only on the request. Set the backend option "
                 f"`prefix_caching = false` to compute every request afresh.", ""]
     if parallel > 1:

@@ -31,8 +31,8 @@ server does.  The fingerprint adds ``"replicas": N``.  To attach to N servers th
 **Prefix caching** (option ``prefix_caching``, default: vLLM's own, on): ``false`` passes
 ``--no-enable-prefix-caching``, so no request reuses KV blocks an earlier request computed.  With caching on, in
 standard mode a prompt's output can depend on what the server saw before (a repeat reuses cached KV computed under
-another kernel shape): on the H100 one solo prompt in 246 gave a different answer on its 2nd and 3rd run, in every
-run with caching on and in none with it off (docs/results/h100-invariance, run 4).  The flag is in
+another kernel shape): on the H100 one solo prompt in 246 gave a different answer on its 2nd and 3rd run, in the three runs with
+caching on and not with it off (docs/results/h100-invariance, run 4).  The flag is in
 ``server_args`` of the fingerprint.
 
 ``vllm-invariant`` sets ``VLLM_BATCH_INVARIANT=1`` and refuses to generate unless the server log proves the
