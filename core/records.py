@@ -1,88 +1,224 @@
 """Append-only JSONL records.
 
-Each record is one line, written with a single ``write`` and flushed at once, so ``kill -9`` loses at most the line in
-flight; :meth:`RecordWriter.sync` fsyncs (the run loop calls it once per dispatch group, which keeps the guarantee for
-power loss at group granularity). A torn last line (no newline, or not JSON) is ignored by :func:`read_records` and
-cut off by :class:`RecordWriter` before it appends again; earlier lines are never rewritten.
+Each record is one line, written with a single ``write`` right away, so ``kill -9`` loses at most the line in flight;
+:meth:`RecordWriter.sync` fsyncs (the run loop calls it once per dispatch group, which keeps the guarantee for power
+loss at group granularity). The last line of the file may lack its newline:
+
+* it parses as a JSON object: it is a complete record (the kill came between the record and its newline);
+  :func:`iter_records` returns it and :class:`RecordWriter` adds the newline before appending;
+* it does not: it is a torn write; :func:`iter_records` skips it and :class:`RecordWriter` cuts it off.
+
+Earlier lines are never rewritten. Files are opened through :class:`evalhost.rundir.RunDir` (no links followed).
+
+Reading is a stream (:func:`iter_records`) with bounds a hostile file cannot exceed: a line longer than
+:data:`MAX_LINE_BYTES` is refused, and a ``records.jsonl.gz`` that inflates more than :data:`GZIP_MAX_RATIO` times
+its compressed size (once past :data:`GZIP_RATIO_FLOOR`) is refused as a decompression bomb. The committed H100 runs
+(docs/results) have lines of at most 47 KB and inflate 6-11 times.
 """
 from __future__ import annotations
 
 import json
 import os
 from pathlib import Path
-from typing import Any, Iterable
+from typing import IO, Any, Iterable, Iterator
 
 from .errors import UserError
+from .rundir import ARCHIVED, RECORDS, RunDir, _shown
 
-RECORDS = "records.jsonl"
-ARCHIVED = "records.jsonl.gz"  # a finished run's records, compressed for committing (read-only)
+MAX_LINE_BYTES = 64 * 2**20  # one record; real ones are kilobytes (46 KB with 1,000-token outputs and token ids)
+GZIP_MAX_RATIO = 100  # decompressed / compressed bytes; JSONL records compress 6-11x
+GZIP_RATIO_FLOOR = 64 * 2**20  # below this many decompressed bytes the ratio is not checked
+
+# identity fields: hashed, compared and sorted by analysis, so a list or dict there is refused, not crashed on
+STRING_FIELDS = ("key", "study", "phase", "run_id", "cell", "model", "alignment_type", "backend", "backend_plugin",
+                 "dispatcher", "dispatcher_plugin", "condition", "task", "task_source", "item_id", "domain",
+                 "group_id", "prompt_sha256", "output_text", "output_sha256", "finish_reason", "scorer", "label",
+                 "fingerprint_id", "candidate_kind")
+INT_FIELDS = ("batch_size", "repeat", "position", "attempts", "schema")
+LIST_FIELDS = ("peers", "output_token_ids")
+DICT_FIELDS = ("timings", "backend_config", "dispatch_evidence")
 
 
 def find_records(run_dir: str | Path) -> Path:
     """The records file of a run directory (``records.jsonl``, or ``records.jsonl.gz`` for an archived run)."""
-    run_dir = Path(run_dir)
+    rd = RunDir(run_dir).require()
     for name in (RECORDS, ARCHIVED):
-        if (run_dir / name).is_file():
-            return run_dir / name
-    raise UserError(f"{run_dir} has no {RECORDS}; pass a run directory made by `evalhost run`")
+        if rd.exists(name):  # a link or special file there is refused with one sentence
+            return rd.path / name
+    raise UserError(f"{_shown(rd.path)} has no {RECORDS}; pass a run directory made by `evalhost run`")
 
 
 def dumps(record: dict[str, Any]) -> str:
     return json.dumps(record, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
 
 
-def read_records(path: str | Path, strict: bool = False) -> list[dict[str, Any]]:
-    """All complete records of a JSONL file. A torn *last* line is skipped; a bad line elsewhere raises UserError
-    when ``strict`` (``evalhost validate``) and is skipped otherwise."""
-    path = Path(path)
-    if path.is_dir():
-        path = find_records(path)
-    if not path.exists():
-        return []
-    out: list[dict[str, Any]] = []
+def shape_problem(record: Any) -> str | None:
+    """Why ``record`` cannot be analysed (a non-object, a list as a key, a dict as a label, ...), or None."""
+    if not isinstance(record, dict):
+        return f"is a JSON {type(record).__name__}, not an object"
+    for f in STRING_FIELDS:
+        v = record.get(f)
+        if v is not None and not isinstance(v, str):
+            return f"has a {type(v).__name__} as '{f}' (a string is expected)"
+    if not isinstance(record.get("key"), str):
+        return "has no string 'key'"
+    for f in INT_FIELDS:
+        v = record.get(f)
+        if v is not None and (not isinstance(v, int) or isinstance(v, bool)):
+            return f"has a {type(v).__name__} as '{f}' (an integer is expected)"
+    for fields, typ in ((LIST_FIELDS, list), (DICT_FIELDS, dict)):
+        for f in fields:
+            v = record.get(f)
+            if v is not None and not isinstance(v, typ):
+                return f"has a {type(v).__name__} as '{f}' (a {typ.__name__} is expected)"
+    return None
+
+
+class _Counting:
+    """A raw file that counts the bytes read from it (the compressed side of a gzip stream)."""
+
+    def __init__(self, fh: IO[bytes]) -> None:
+        self.fh, self.n = fh, 0
+
+    def read(self, size: int = -1) -> bytes:
+        data = self.fh.read(size)
+        self.n += len(data)
+        return data
+
+    def close(self) -> None:
+        self.fh.close()
+
+
+def _lines(path: Path) -> Iterator[tuple[int, bytes, bool]]:
+    """(line number, bytes, ended by a newline) for each line of ``path`` (``.gz`` inflated), bounded."""
+    try:
+        raw = RunDir(path.parent).open_read(path.name)
+    except FileNotFoundError:
+        return
+    counter = None
+    fh: Any = raw
     if path.suffix == ".gz":
         import gzip
 
-        with gzip.open(path, "rb") as fh:
-            lines = fh.read().split(b"\n")
-    else:
-        with path.open("rb") as fh:
-            lines = fh.read().split(b"\n")
-    last = len(lines) - 1
-    for n, raw in enumerate(lines):
+        counter = _Counting(raw)
+        fh = gzip.GzipFile(fileobj=counter, mode="rb")  # type: ignore[arg-type]
+    total = 0
+    try:
+        n = 0
+        while True:
+            try:
+                line = fh.readline(MAX_LINE_BYTES + 1)
+            except (OSError, EOFError, ValueError) as exc:  # gzip.BadGzipFile, zlib.error, truncated stream
+                raise UserError(f"{_shown(path)} is not a readable gzip file ({exc}); restore it from the run") \
+                    from None
+            if not line:
+                return
+            n += 1
+            if len(line) > MAX_LINE_BYTES:
+                raise UserError(f"{_shown(path)}:{n} is longer than {MAX_LINE_BYTES // 2**20} MiB, far longer than "
+                                f"any record evalhost writes; the file is corrupted or not a records file")
+            if counter is not None:
+                total += len(line)
+                if total > GZIP_RATIO_FLOOR and total > GZIP_MAX_RATIO * max(counter.n, 1):
+                    raise UserError(f"{_shown(path)} inflates more than {GZIP_MAX_RATIO} times its compressed size "
+                                    f"(a decompression bomb, not evalhost records); refusing to read it")
+            ended = line.endswith(b"\n")
+            yield n, line, ended
+    finally:
+        fh.close()
+        if fh is not raw:
+            raw.close()
+
+
+def iter_records(path: str | Path, strict: bool = False, checked: bool = False) -> Iterator[dict[str, Any]]:
+    """Stream the complete records of a JSONL file (a run directory: its records file).
+
+    The final line without a newline is skipped when it does not parse (a torn write). A bad line elsewhere raises
+    UserError when ``strict`` (``evalhost validate``) and is skipped otherwise. With ``checked`` a record of the
+    wrong shape (:func:`shape_problem`) raises UserError (report, resume); without it a non-object line is
+    skipped (or raises when ``strict``)."""
+    path = Path(path)
+    if path.is_dir():
+        path = find_records(path)
+    for n, raw, ended in _lines(path):
         if not raw.strip():
             continue
         try:
-            out.append(json.loads(raw))
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            if n == last:  # torn final write (no newline after it): the generation in flight when killed
+            rec = json.loads(raw)
+        except (ValueError, RecursionError):  # JSONDecodeError, UnicodeDecodeError, over-deep nesting
+            if not ended:  # torn final write: the generation in flight when killed
                 continue
+            if strict or checked:
+                raise UserError(f"{_shown(path)}:{n} is not a JSON record; the file was edited or corrupted by hand "
+                                f"(run `evalhost validate`)") from None
+            continue
+        if checked:
+            problem = shape_problem(rec)
+            if problem:
+                raise UserError(f"{_shown(path)}:{n} {problem}; the file was edited or corrupted by hand (run "
+                                f"`evalhost validate`)")
+        elif not isinstance(rec, dict):
             if strict:
-                raise UserError(f"{path}:{n + 1} is not a JSON record; the file was edited or corrupted by hand")
-    return out
+                raise UserError(f"{_shown(path)}:{n} is a JSON {type(rec).__name__}, not a record object; the file "
+                                f"was edited or corrupted by hand")
+            continue
+        yield rec
+
+
+def read_records(path: str | Path, strict: bool = False, checked: bool = False) -> list[dict[str, Any]]:
+    """All complete records of a JSONL file, as a list (see :func:`iter_records`)."""
+    return list(iter_records(path, strict=strict, checked=checked))
+
+
+def recorded_keys(path: str | Path) -> set[str]:
+    """The keys already recorded (resume): records whose shape is wrong are refused with one sentence."""
+    return {r["key"] for r in iter_records(path, checked=True)}
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
 
 
 class RecordWriter:
-    """Appends records to one JSONL file; repairs a torn tail left by a killed run before appending."""
+    """Appends records to one JSONL file (``O_APPEND | O_NOFOLLOW``); repairs the tail a killed run left."""
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
-        self._cut_torn_tail()
-        self._fh = self.path.open("a", encoding="utf-8")
+        rd = RunDir(self.path.parent)
+        try:
+            with rd.open_update(self.path.name) as fh:
+                self._repair_tail(fh.fileno())
+        except FileNotFoundError:
+            pass
+        self._fh = rd.open_append(self.path.name)
 
-    def _cut_torn_tail(self) -> None:
-        if not self.path.exists() or self.path.stat().st_size == 0:
+    @staticmethod
+    def _repair_tail(fd: int) -> None:
+        size = os.fstat(fd).st_size
+        if size == 0 or os.pread(fd, 1, size - 1) == b"\n":
             return
-        with self.path.open("rb+") as fh:
-            data = fh.read()
-            if data.endswith(b"\n"):
-                return
-            keep = data.rfind(b"\n") + 1  # drop the partial line (it never completed, so it was never a record)
-            fh.truncate(keep)
+        start, tail = size, b""
+        while start > 0 and b"\n" not in tail and len(tail) <= MAX_LINE_BYTES:
+            step = min(start, 1 << 16)
+            start -= step
+            tail = os.pread(fd, step, start) + tail
+        cut = tail.rfind(b"\n") + 1
+        keep = start + cut
+        last = tail[cut:]
+        try:
+            whole = isinstance(json.loads(last), dict)
+        except (ValueError, RecursionError):
+            whole = False
+        if whole:  # a complete record that lost only its newline: keep it (resume counted it as done)
+            os.pwrite(fd, b"\n", size)
+        else:  # the partial line never completed, so it was never a record
+            os.ftruncate(fd, keep)
+        os.fsync(fd)
 
     def write(self, record: dict[str, Any]) -> None:
-        self._fh.write(dumps(record) + "\n")
-        self._fh.flush()
+        _write_all(self._fh.fileno(), (dumps(record) + "\n").encode("utf-8"))
 
     def write_many(self, records: Iterable[dict[str, Any]]) -> None:
         for r in records:
@@ -90,7 +226,6 @@ class RecordWriter:
         self.sync()
 
     def sync(self) -> None:
-        self._fh.flush()
         os.fsync(self._fh.fileno())
 
     def close(self) -> None:
@@ -100,11 +235,7 @@ class RecordWriter:
 
 
 def write_json_atomic(path: str | Path, data: Any) -> None:
-    """Write JSON to ``path`` via a temp file + rename, so a reader never sees half a file."""
+    """Write JSON to ``path`` via a uniquely named temp file + rename in the same directory, so a reader never sees
+    half a file and two writers never share a temp file; a link at ``path`` is refused, not followed."""
     path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("w", encoding="utf-8") as fh:
-        json.dump(data, fh, indent=2, sort_keys=True, default=str)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    RunDir(path.parent).write_json(path.name, data)

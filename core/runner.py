@@ -25,11 +25,11 @@ from .models import cache_dir
 from .plan import BackendWork, Job, build_plan, describe, record_key
 from .registry import Registry, get_registry, require_clean
 from .solo_cache import SoloCache, enabled as solo_enabled
-from .records import RECORDS, RecordWriter, read_records, write_json_atomic
+from .records import RECORDS, RecordWriter, recorded_keys, write_json_atomic
+from .rundir import MANIFEST, STUDY, RunDir
 from .study import Study, load_study
 from .types import Group, GroupResult, Member, RunContext, Sampling, sha256_text
 
-MANIFEST = "manifest.json"
 SCHEMA_VERSION = 1
 
 
@@ -176,23 +176,47 @@ def build_records(study: Study, run_id: str, done: GroupDone, fid: str, scorers:
 
 
 def _new_run_dir(study: Study) -> Path:
+    """A new, empty run directory directly under ``output_dir`` (never reused, never outside it)."""
+    out = study.output_dir
+    if out.exists() and not out.is_dir():
+        raise UserError(f"output_dir {out} is a file, not a directory; set study.output_dir to a directory (it is "
+                        f"created if missing)")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        base = out.resolve()
+    except OSError as exc:
+        raise UserError(f"output_dir {out} cannot be created ({exc.strerror}); set study.output_dir to a directory "
+                        f"you can write") from None
     stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-    study.output_dir.mkdir(parents=True, exist_ok=True)
     for n in range(1000):
-        path = study.output_dir / (f"{study.name}-{stamp}" + (f"-{n}" if n else ""))
+        path = out / (f"{study.name}-{stamp}" + (f"-{n}" if n else ""))
+        if path.parent.resolve() != base or path.name in (".", ".."):
+            raise UserError(f"study name {study.name!r} would put the run directory outside output_dir {out}; use "
+                            f"one path component of letters, digits, '.', '_' and '-'")
         try:
-            path.mkdir()  # never reuse or overwrite a run directory
+            path.mkdir()  # never reuse or overwrite a run directory (nor follow a link someone put there)
             return path
         except FileExistsError:
             continue
+        except OSError as exc:
+            raise UserError(f"cannot create a run directory under {out} ({exc.strerror}); check study.name and "
+                            f"study.output_dir") from None
     raise UserError(f"could not create a new run directory under {study.output_dir}")
 
 
+_MANIFEST_SHAPE = {"fingerprints": dict, "evidence": dict, "backend_fingerprints": dict, "resumes": list}
+
+
 def _open_resume(study: Study, run_dir: Path) -> dict[str, Any]:
-    if not (run_dir / MANIFEST).is_file():
+    rd = RunDir(run_dir).require()
+    manifest = rd.read_json(MANIFEST, default=None)
+    if manifest is None:
         raise UserError(f"{run_dir} is not an evalhost run directory (no {MANIFEST}); pass the directory "
                         f"printed by `evalhost run`")
-    manifest = json.loads((run_dir / MANIFEST).read_text())
+    for field, typ in _MANIFEST_SHAPE.items():
+        if not isinstance(manifest.setdefault(field, typ()), typ):
+            raise UserError(f"{run_dir / MANIFEST} has a {type(manifest[field]).__name__} as '{field}', not a "
+                            f"{typ.__name__}; the file was edited by hand - restore it from the run")
     if manifest.get("study_sha256") != sha256_text(study.text):
         raise UserError(f"{run_dir} was started from a different study file (its copy is {run_dir}/study.toml); "
                         f"resume with that file or start a new run without --resume")
@@ -237,12 +261,16 @@ def _sigterm_as_interrupt():
 
 def run_study(study: Study, resume: Path | None = None, executor: str = "local",
               executor_options: dict[str, Any] | None = None, dry_run: bool = False, progress: bool = True,
-              report: bool = True, out: Callable[[str], None] = print, limit: int | None = None) -> Path | None:
+              report: bool = True, out: Callable[[str], None] = print, limit: int | None = None,
+              _held: contextlib.ExitStack | None = None) -> Path | None:
     """Run (or with ``dry_run`` only plan) a study. ``limit`` caps every task's items (a quick trial of a big study);
-    it is recorded in the manifest and a resume keeps it."""
+    it is recorded in the manifest and a resume keeps it. The run directory's lock is held until this returns."""
+    if _held is None:  # the lock taken below is released when this call ends, however it ends
+        with contextlib.ExitStack() as held:
+            return run_study(study, resume, executor, executor_options, dry_run, progress, report, out, limit, held)
     registry = get_registry()
-    if resume and limit is None and (Path(resume) / MANIFEST).is_file():
-        limit = json.loads((Path(resume) / MANIFEST).read_text()).get("limit")
+    if resume and limit is None:
+        limit = RunDir(resume).read_json(MANIFEST, default={}).get("limit")
     if limit is not None:
         study.tasks = [replace(t, limit=min(t.limit or limit, limit)) for t in study.tasks]
     for problem in registry.problems:
@@ -261,10 +289,12 @@ def run_study(study: Study, resume: Path | None = None, executor: str = "local",
 
     if resume:
         run_dir = Path(resume)
+        _held.enter_context(RunDir(run_dir).require().lock(purpose="resume"))
         manifest = _open_resume(study, run_dir)
     else:
         run_dir = _new_run_dir(study)
-        (run_dir / "study.toml").write_text(study.text, encoding="utf-8")
+        _held.enter_context(RunDir(run_dir).lock(purpose="run"))
+        RunDir(run_dir).write_atomic(STUDY, study.text)
         manifest = {
             "study": study.name, "study_file": str(study.path) if study.path else None,
             "study_sha256": sha256_text(study.text), "created": time.time(), "host": host_fingerprint(),
@@ -281,8 +311,7 @@ def run_study(study: Study, resume: Path | None = None, executor: str = "local",
         manifest["resumes"].append(time.time())
     write_json_atomic(run_dir / MANIFEST, manifest)
 
-    existing = read_records(run_dir / RECORDS)
-    done = {r["key"] for r in existing}
+    done = recorded_keys(run_dir / RECORDS)
     total = plan.n_generations()
     bar = _Progress(total, len(done & {k for j in plan.jobs for k in j.keys()}), progress)
     out(f"run directory: {run_dir}  ({total} generations planned, {len(done)} already recorded)")
