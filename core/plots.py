@@ -36,6 +36,10 @@ def _err(prop: Mapping[str, Any]) -> tuple[float, float, float]:
     return (r, max(r - lo, 0.0), max(hi - r, 0.0))
 
 
+def pct_text(v: float) -> str:
+    return f"{v:.1f}%"
+
+
 def _short(text: Any, n: int = 32) -> str:
     s = str(text)
     return s if len(s) <= n else s[: n - 1] + "…"
@@ -62,11 +66,18 @@ def rates_with_ci(rows: Sequence[Mapping[str, Any]], title: str, path: Path) -> 
         vals = [_err(r[key]) for r in rows]
         ax.errorbar([v[0] for v in vals], [y + offset for y in ys], xerr=[[v[1] for v in vals], [v[2] for v in vals]],
                     fmt="o", color=color, capsize=3, label=name)
+        for v, y in zip(vals, ys):  # a zero rate sits on the axis: say "0" next to it so it cannot be missed
+            if v[0] == 0:
+                ax.annotate("0", (0, y + offset), textcoords="offset points", xytext=(-9, 0), ha="right",
+                            va="center", fontsize=8, color=color, annotation_clip=False)
     ax.set_yticks(ys)
     ax.set_yticklabels([f"{_short(r['value'])} (n={r['pairs']})" for r in rows])
     ax.invert_yaxis()
     ax.set_xlabel("rate vs solo, % (Wilson 95% CI)")
-    ax.set_xlim(left=0)
+    top = max([v for r in rows for k in ("label_flips", "text_changes") for v in [sum(_err(r[k])[::2])]
+               if not math.isnan(v)] + [1.0])
+    ax.set_xlim(left=-0.06 * top - 1.0)  # room left of 0, so a marker at 0 is drawn whole
+    ax.axvline(0, color="gray", linewidth=0.8)
     ax.grid(axis="x", alpha=0.3)
     ax.set_title(title)
     ax.legend(loc="best", fontsize=8)
@@ -85,10 +96,13 @@ def paired_bars(comparison: Mapping[str, Any], path: Path) -> Path | None:
         for j, (mode, color) in enumerate(zip(modes, ("#e67e22", "#27ae60"))):
             r, lo, hi = _err(mode[key])
             x = i + (j - 0.5) * width
-            ax.bar(x, 0 if math.isnan(r) else r, width, color=color, label=_short(mode["mode"], 40) if i == 0 else None)
-            ax.errorbar(x, 0 if math.isnan(r) else r, yerr=[[lo], [hi]], color="black", capsize=4)
-            ax.text(x, (0 if math.isnan(r) else r) + hi + 1.5, f"{mode[key]['k']}/{mode[key]['n']}", ha="center",
-                    fontsize=9)
+            h = 0 if math.isnan(r) else r
+            ax.bar(x, h, width, color=color, label=_short(mode["mode"], 40) if i == 0 else None)
+            ax.errorbar(x, h, yerr=[[lo], [hi]], color="black", capsize=4)
+            if h == 0:  # a bar of height 0 is invisible: mark it
+                ax.plot([x], [0], marker="D", markersize=7, color=color, markeredgecolor="black", clip_on=False,
+                        zorder=5)
+            ax.text(x, h + hi + 1.5, f"{pct_text(h)}\n{mode[key]['k']}/{mode[key]['n']}", ha="center", fontsize=9)
     ax.set_xticks([0, 1])
     ax.set_xticklabels(["label flips", "text changes"])
     ax.set_ylabel("% of paired rows (Wilson 95% CI)")
@@ -153,7 +167,8 @@ def divergence_histogram(positions: Sequence[int], path: Path) -> Path | None:
     return _save(fig, path)
 
 
-def study_b_scatter(models: Sequence[Mapping[str, Any]], pearson: Mapping[str, Any], path: Path) -> Path | None:
+def study_b_scatter(models: Sequence[Mapping[str, Any]], pearson: Mapping[str, Any], path: Path,
+                    title: str = "") -> Path | None:
     """Per-model text-change rate (x) vs label-flip rate (y) with a least-squares line."""
     import numpy as np
 
@@ -178,9 +193,13 @@ def study_b_scatter(models: Sequence[Mapping[str, Any]], pearson: Mapping[str, A
         ax.plot(grid, slope * grid + intercept, color="gray", linestyle="--", label="least-squares fit")
     r = pearson.get("r")
     lo, hi = pearson.get("ci_lo"), pearson.get("ci_hi")
-    title = "Output instability vs label flips per model"
+    title = "Output instability vs label flips per model" + (f", {title}" if title else "")
     if r is not None and r == r:
-        title += f"\nr = {r:.3f}, bootstrap 95% CI [{lo:.2f}, {hi:.2f}]"
+        title += f"\nr = {r:.3f}"
+        if lo is not None and lo == lo and hi is not None:
+            title += f", {pearson.get('method') or 'bootstrap'} 95% CI [{lo:.2f}, {hi:.2f}]"
+        else:
+            title += ", no CI"
     ax.set_title(title, fontsize=10)
     ax.set_xlabel("text-change rate vs solo, %")
     ax.set_ylabel("label-flip rate vs solo, %")

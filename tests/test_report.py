@@ -101,10 +101,10 @@ def test_report_writes_markdown_summary_and_plots(tmp_path):
     assert "| Mode | Records | OK | Label flips | Label-flip rate | Text changes | Text-change rate |" in md
     assert "| vllm | 55 | 55 | 22 | 40.0% [28.1%, 53.2%] | 25 | 45.5% [33.0%, 58.5%] |" in md
     assert "| vllm-invariant | 55 | 55 | 0 | 0.0% [0.0%, 6.5%] | 0 | 0.0% [0.0%, 6.5%] |" in md
-    assert "## Study D" in md and "McNemar p = 4.77e-07" in md and "McNemar p = 5.96e-08" in md
+    assert "## Study D" in md and "McNemar p = 4.77e-7" in md and "McNemar p = 5.96e-8" in md
     assert "| vllm flip, vllm-invariant non-flip | 22 |" in md
     assert "## Study B" in md and "## Study C" in md and "## Adjudication" in md and "## Per-cell invariance" in md
-    assert "fp-vllm-invariant" in md and "batch_invariant_override" in md
+    assert "fp-vllm-invariant" in md and "| vllm-invariant | batch_invariant_override | registered |" in md
 
     summary = _strict_json(run / "summary.json")
     assert summary["overall"]["label_flips"]["k"] == 22
@@ -115,7 +115,8 @@ def test_report_writes_markdown_summary_and_plots(tmp_path):
 
     images = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", md)
     assert {"plots/rates_by_model.png", "plots/label_pairs.png", "plots/first_divergence.png",
-            "plots/study_d_0.png", "plots/study_b_scatter.png", "plots/invariance.png"} <= set(images)
+            "plots/study_d_0.png", "plots/study_b_scatter_vllm.png", "plots/study_b_scatter_vllm-invariant.png",
+            "plots/invariance.png"} <= set(images)
     for rel in images:
         data = (run / rel).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
@@ -196,3 +197,97 @@ def test_missing_records_is_one_clear_sentence(tmp_path):
         write_report(tmp_path)
     with pytest.raises(UserError, match="does not exist"):
         write_report(tmp_path / "nope")
+
+
+def _write(run: Path, records, manifest=None) -> Path:
+    run.mkdir(parents=True, exist_ok=True)
+    (run / "records.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    if manifest is not None:
+        (run / "manifest.json").write_text(json.dumps(manifest))
+    return run
+
+
+def _simple(n, flips, backend="vllm", *, model="m1", task="jailbreak", scorer="refusal", labels=("refusal", "compliance"),
+            dispatcher="synchronized", **kw):
+    """n pairs of one backend; the first ``flips`` change label (and text)."""
+    out = []
+    for i in range(n):
+        item = f"{task}-{i}"
+        out.append(_rec(model, backend, task, item, "solo", labels[0], "same", domain="safety", score=1.0, **kw))
+        b = _rec(model, backend, task, item, "batch", labels[1] if i < flips else labels[0],
+                 "other" if i < flips else "same", domain="safety", dispatcher=dispatcher, score=1.0, **kw)
+        out.append(b)
+    for r in out:
+        r["scorer"] = scorer
+    return out
+
+
+def _row(md: str, first: str) -> list[str]:
+    """The cells of the first table row whose first cell is ``first``."""
+    for line in md.splitlines():
+        if line.startswith(f"| {first} |"):
+            return [c.strip() for c in line.strip().strip("|").split("|")]
+    raise AssertionError(f"no table row starting with {first!r}")
+
+
+def test_headline_says_it_in_words_and_names_columns_for_what_they_hold(tmp_path):
+    """Issue 17: a plain-language sentence per backend; the backend column is 'Backend', pairs are 'Comparable
+    pairs' (the old headline called them 'Mode' and 'Records')."""
+    run = _write(tmp_path / "h", _simple(48, 0, "vllm-invariant") + _simple(48, 3, "vllm"))
+    md = write_report(run, plots=False).read_text()
+    assert "- **vllm-invariant**: 0 of 48 comparable pairs changed label; at most 7.4 % at 95 %." in md
+    assert "- **vllm**: 3 of 48 comparable pairs changed label (6.3 %, 95 % CI 2.1-16.8 %)" in md
+    head = md.split("## Headline", 1)[1].split("## Breakdowns", 1)[0]
+    assert "| Backend | Comparable pairs | Not comparable | Label flips | Label-flip rate |" in head
+    assert "| Mode |" not in head and "Records" not in head
+    assert _row(head, "vllm")[:2] == ["vllm", "48"]
+
+
+def test_fingerprints_are_a_table_of_the_fields_that_differ(tmp_path):
+    """Issue 17: stack fingerprints were JSON cut mid-string at 400 characters; now one row per differing field,
+    every value whole, and one line with the shared fields."""
+    args = ["--model", "/tmp/models/smollm2-135m-instruct", "--served-model-name", "smollm2-135m-instruct", "--host",
+            "127.0.0.1", "--dtype", "float16", "--max-model-len", "2048", "--gpu-memory-utilization", "0.2"]
+    base = {"device": "NVIDIA H100 80GB HBM3 (cuda 13.0)", "python": "3.12.3", "torch": "2.11.0",
+            "env": {"CUDA_HOME": "/usr/local/cuda", "CUDA_VERSION": "13.0.2", "TORCH_CUDA_ARCH_LIST": "9.0a"},
+            "model": {"name": "smollm2-135m-instruct", "path": "/tmp/models/smollm2-135m-instruct"},
+            "vllm": "vllm==0.25.1"}
+    fps = {"fp-vllm": {**base, "backend": "vllm", "server_args": args + ["--attention-backend", "TRITON_ATTN"]},
+           "fp-vllm-invariant": {**base, "backend": "vllm-invariant",
+                                 "env": {**base["env"], "VLLM_BATCH_INVARIANT": "1"},
+                                 "server_args": args + ["--attention-backend", "FLASH_ATTN"]}}
+    records = _simple(4, 0, "vllm") + _simple(4, 0, "vllm-invariant")
+    run = _write(tmp_path / "fp", records, {"study": "s", "fingerprints": fps})
+    md = write_report(run, plots=False).read_text()
+    sec = md.split("### Stack fingerprints", 1)[1].split("\n## ", 1)[0]
+    assert "| Field | `fp-vllm` | `fp-vllm-invariant` |" in sec
+    assert _row(sec, "used by (records)") == ["used by (records)", "vllm", "vllm-invariant"]
+    assert _row(sec, "env.VLLM_BATCH_INVARIANT") == ["env.VLLM_BATCH_INVARIANT", "(absent)", "1"]
+    assert _row(sec, "server_args")[1].endswith("--attention-backend TRITON_ATTN")
+    assert "Shared by all: device = NVIDIA H100 80GB HBM3 (cuda 13.0);" in sec and "torch = 2.11.0" in sec
+    assert "| torch |" not in sec and "…" not in sec and "{" not in sec
+
+
+def test_every_plot_written_is_linked(tmp_path):
+    """Issue 17: with one dispatcher the old report wrote plots/rates_by_dispatcher.png but never linked it."""
+    run = _write(tmp_path / "p", _simple(6, 2, "vllm") + _simple(6, 0, "vllm-invariant"))
+    md = write_report(run).read_text()
+    linked = set(re.findall(r"!\[[^\]]*\]\(([^)]+)\)", md))
+    written = {p.relative_to(run).as_posix() for p in (run / "plots").glob("*.png")}
+    assert "plots/rates_by_dispatcher.png" in written
+    assert written == linked
+
+
+def test_label_matrix_per_scorer(tmp_path):
+    """Issue 17: refusal labels and multiple-choice labels are never put in one solo -> batch matrix."""
+    records = (_simple(5, 2, scorer="refusal") +
+               _simple(5, 1, task="mmlu", scorer="mcq", labels=("B", "C")))
+    run = _write(tmp_path / "s", records)
+    md = write_report(run).read_text()
+    sec = md.split("## Solo -> batch label pairs", 1)[1].split("\n## ", 1)[0]
+    refusal = sec.split("### Scorer refusal", 1)[1].split("###", 1)[0]
+    mcq = sec.split("### Scorer mcq", 1)[1].split("###", 1)[0]
+    assert "| refusal | compliance | 2 |" in refusal and "| B |" not in refusal
+    assert "| B | C | 1 |" in mcq and "| B | B | 4 |" in mcq and "refusal" not in mcq.split("\n", 1)[1]
+    assert (run / "plots/label_pairs_refusal.png").exists() and (run / "plots/label_pairs_mcq.png").exists()
+    assert "(plots/label_pairs_refusal.png)" in refusal and "(plots/label_pairs_mcq.png)" in mcq
