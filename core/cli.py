@@ -33,7 +33,7 @@ def cli() -> None:
 @click.option("--limit", type=click.IntRange(min=1), default=None,
               help="Cap every task at N items (a quick trial of a large study; kept on --resume).")
 @click.option("--no-report", is_flag=True, help="Do not write report.md at the end.")
-@click.option("--quiet", is_flag=True, help="No progress bar.")
+@click.option("--quiet", is_flag=True, help="No progress bar (on a terminal) or progress lines (otherwise).")
 @click.option("--no-solo-cache", is_flag=True, help="Always generate solo baselines (do not reuse cached ones).")
 def run(study, dry_run, resume, executor, address, parallel, target_mde, baseline, limit, no_report, quiet,
         no_solo_cache):
@@ -54,7 +54,7 @@ def run(study, dry_run, resume, executor, address, parallel, target_mde, baselin
                             f"backend configurations itself (drop --parallel)")
         opts["parallel"] = parallel
     run_file(study, resume=resume, executor=executor, executor_options=opts, dry_run=dry_run,
-             progress=not quiet and sys.stderr.isatty(), report=not no_report, out=click.echo, limit=limit)
+             progress=not quiet, report=not no_report, out=click.echo, limit=limit)
     if target_mde is not None:
         from .stats import items_needed
 

@@ -14,6 +14,7 @@ import os
 import platform
 import signal
 import sys
+import threading
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -131,15 +132,34 @@ def execute_work(work: BackendWork, sampling: Sampling, context: RunContext, ski
 
 # ------------------------------------------------------------------------------------------------ driver side
 class _Scorers:
-    def __init__(self, registry: Registry) -> None:
-        self.registry, self.cache = registry, {}
+    """Scorer instances by (name, options). A scorer that raises on one output does not stop the run: the record
+    gets ``label = score = None`` and ``scorer_error = "ExcType: message"`` (fix the scorer, then ``evalhost
+    rescore RUN_DIR``). ``override`` names one scorer for every item (``evalhost rescore --scorer NAME``)."""
 
-    def score(self, job: Job, item, text: str):
-        name = job.task.scorer or item.scorer
-        key = (name, json.dumps(job.task.scorer_options, sort_keys=True))
+    def __init__(self, registry: Registry, override: str | None = None) -> None:
+        self.registry, self.cache, self.override, self.errors = registry, {}, override, 0
+
+    def score_item(self, task, item, text: str) -> tuple[str, Any, str | None]:
+        """(scorer name, Score or None, error or None) for one output of ``item`` under task spec ``task``."""
+        name = self.override or task.scorer or item.scorer
+        options = {} if self.override and self.override != task.scorer else task.scorer_options
+        key = (name, json.dumps(options, sort_keys=True))
         if key not in self.cache:
-            self.cache[key] = self.registry.get("scorer", name)(job.task.scorer_options)
-        return name, self.cache[key].score(item, text)
+            self.cache[key] = self.registry.get("scorer", name)(options)
+        try:
+            return name, self.cache[key].score(item, text), None
+        except Exception as exc:  # noqa: BLE001 - any scorer failure is this record's, not the run's
+            self.errors += 1
+            return name, None, one_line_error(exc)
+
+    def score(self, job: Job, item, text: str) -> tuple[str, Any, str | None]:
+        return self.score_item(job.task, item, text)
+
+
+def one_line_error(exc: BaseException) -> str:
+    """``"ExcType: message"`` on one line, at most 500 characters (stored in a record's ``scorer_error``)."""
+    text = f"{type(exc).__name__}: {exc}".replace("\r", " ").replace("\n", " ")
+    return text if len(text) <= 500 else text[:497] + "..."
 
 
 def build_records(study: Study, run_id: str, done: GroupDone, fid: str, scorers: _Scorers) -> list[dict[str, Any]]:
@@ -149,28 +169,34 @@ def build_records(study: Study, run_id: str, done: GroupDone, fid: str, scorers:
     for pos, ((item, role), prompt, gen) in enumerate(zip(job.members, done.prompts, result.generations)):
         if role != "target":
             continue
-        scorer, score = scorers.score(job, item, gen.text)
+        scorer, score, scorer_error = scorers.score(job, item, gen.text)
+        cand = item.metadata.get("candidate") or {}
         t = dict(gen.timings)
         if "sent" in t and "finished" in t:
             t["latency_s"] = round(t["finished"] - t["sent"], 6)
         out.append({
             "schema": SCHEMA_VERSION,
             "key": record_key(job.cell, item.id, job.repeat),
-            "study": study.name, "phase": study.phase, "run_id": run_id, "cell": job.cell,
+            "study": study.name, "phase": cand.get("phase") or study.phase, "run_id": run_id, "cell": job.cell,
             "model": job.model.name, "alignment_type": job.model.alignment_type,
             "backend": job.backend.label, "backend_plugin": job.backend.plugin, "backend_config": job.backend.options,
             "dispatcher": job.dispatcher.label, "dispatcher_plugin": job.dispatcher.plugin,
             "arm": job.dispatcher.options.get("arm"),
             "batch_size": job.batch_size, "condition": job.condition, "repeat": job.repeat,
-            "task": item.task, "task_source": item.metadata.get("candidate", {}).get("task_source", job.task.source), "item_id": item.id, "domain": item.domain,
+            "task": item.task, "task_source": cand.get("task_source", job.task.source), "item_id": item.id,
+            "domain": item.domain,
             "group_id": job.group_id, "position": pos, "peers": ids[:pos] + ids[pos + 1:],
             "prompt_sha256": sha256_text(prompt),
             "output_text": gen.text, "output_token_ids": list(gen.token_ids), "output_sha256": sha256_text(gen.text),
             "finish_reason": gen.finish_reason, "logprobs": gen.logprobs,
-            "scorer": scorer, "label": score.label, "score": score.value, "rationale": score.rationale,
+            "scorer": scorer, "label": None if score is None else score.label,
+            "score": None if score is None else score.value,
+            "rationale": None if score is None else score.rationale, "scorer_error": scorer_error,
             "timings": t, "attempts": gen.attempts, "restarted": gen.restarted,
             "dispatch_evidence": result.evidence, "fingerprint_id": fid,
-            "candidate_kind": item.metadata.get("candidate", {}).get("kind"),
+            "candidate_kind": cand.get("kind"),
+            # Study D: the discovery row's direction in the addendum's vocabulary (candidates task source)
+            "original_direction": cand.get("original_direction"),
         })
     return out
 
@@ -223,30 +249,82 @@ def _open_resume(study: Study, run_dir: Path) -> dict[str, Any]:
     return manifest
 
 
+def _clock(seconds: float) -> str:
+    s = int(round(seconds))
+    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}" if s >= 3600 else f"{s // 60}:{s % 60:02d}"
+
+
 class _Progress:
-    def __init__(self, total: int, done: int, enabled: bool) -> None:
+    """Progress on stderr: a bar on a terminal; otherwise (a log file, a pipe, CI) one line every
+    ``EVALHOST_PROGRESS_S`` seconds (default 5), e.g. ``generations 120/480 (25%), 3 of 24 cells done, elapsed
+    1:02, eta 3:05``, and a last line when the run stops. ``left_by_cell``: generations still to make per cell."""
+
+    def __init__(self, total: int, done: int, enabled: bool, left_by_cell: dict[str, int] | None = None) -> None:
         self.bar = None
-        if enabled and total:
+        self.total, self.done, self.done0 = total, done, done
+        self.left = dict(left_by_cell or {})
+        self.started = time.monotonic()
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread = None
+        self._lines = 0
+        if not (enabled and total):
+            return
+        if sys.stderr.isatty():
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
             self.bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                                 TimeRemainingColumn(), transient=False)
             self.task = self.bar.add_task("generations", total=total, completed=done)
             self.bar.start()
+            return
+        try:
+            self.interval = max(0.05, float(os.environ.get("EVALHOST_PROGRESS_S", "5")))
+        except ValueError:
+            self.interval = 5.0
+        self._thread = threading.Thread(target=self._tick, name="evalhost-progress", daemon=True)
+        self._thread.start()
+
+    def line(self) -> str:
+        elapsed = time.monotonic() - self.started
+        made = self.done - self.done0
+        pct = 100.0 * self.done / self.total if self.total else 100.0
+        eta = _clock((self.total - self.done) * elapsed / made) if made > 0 else "unknown"
+        cells = f"{sum(1 for v in self.left.values() if v <= 0)} of {len(self.left)} cells done, " if self.left else ""
+        return (f"generations {self.done}/{self.total} ({pct:.0f}%), {cells}elapsed {_clock(elapsed)}, "
+                f"eta {eta}")
+
+    def _print(self, msg: str) -> None:
+        with self._lock:
+            print(msg, file=sys.stderr, flush=True)
+
+    def _tick(self) -> None:
+        while not self._stop.wait(self.interval):
+            self._lines += 1
+            self._print(self.line())
 
     def log(self, msg: str) -> None:
         if self.bar is not None:
             self.bar.console.print(msg)
         else:
-            print(msg, file=sys.stderr, flush=True)
+            self._print(msg)
 
     def advance(self, n: int, what: str = "") -> None:
+        self.done += n
+        if what in self.left:
+            self.left[what] -= n
         if self.bar is not None:
             self.bar.update(self.task, advance=n, description=what or "generations")
 
     def stop(self) -> None:
         if self.bar is not None:
             self.bar.stop()
+        if self._thread is not None:
+            self._stop.set()
+            self._thread.join()
+            self._thread = None
+            if self._lines:
+                self._print(self.line())
 
 
 def _sigterm_as_interrupt():
@@ -282,6 +360,11 @@ def run_study(study: Study, resume: Path | None = None, executor: str = "local",
     plan = build_plan(study, registry)
     if dry_run:
         out(describe(plan))
+        for b in study.backends:  # what a backend's preflight would refuse here, said before anyone waits for it
+            check = getattr(registry.get("backend", b.plugin), "preflight_problem", None)
+            problem = check(b.options) if check else None
+            if problem:
+                out(f"backend '{b.label}' will be refused on this machine: {problem}")
         text = ex.describe(plan)
         if text:
             out(text)
@@ -302,6 +385,7 @@ def run_study(study: Study, resume: Path | None = None, executor: str = "local",
             "env": {k: v for k, v in os.environ.items() if k.startswith(("VLLM_BATCH_INVARIANT", "CUBLAS_",
                                                                            "VLLM_ATTENTION", "EVALHOST_PLUGINS"))},
             "plan": {"generations": plan.n_generations(), "cells": len(plan.cells())}, "limit": limit,
+            "flip_on": study.flip_on,
         }
     if manifest.get("limit") != limit:
         raise UserError(f"{run_dir} was run with --limit {manifest.get('limit')}; resume it with the same limit")
@@ -313,12 +397,16 @@ def run_study(study: Study, resume: Path | None = None, executor: str = "local",
 
     done = recorded_keys(run_dir / RECORDS)
     total = plan.n_generations()
-    bar = _Progress(total, len(done & {k for j in plan.jobs for k in j.keys()}), progress)
+    left_by_cell: dict[str, int] = {}
+    for j in plan.jobs:
+        left_by_cell[j.cell] = left_by_cell.get(j.cell, 0) + sum(k not in done for k in j.keys())
+    bar = _Progress(total, len(done & {k for j in plan.jobs for k in j.keys()}), progress, left_by_cell)
     out(f"run directory: {run_dir}  ({total} generations planned, {len(done)} already recorded)")
     context = RunContext(run_dir=run_dir, cache_dir=cache_dir(), log=bar.log,
                          load_items=lambda spec: _load_items(spec, registry, study))
     writer = RecordWriter(run_dir / RECORDS)
     scorers = _Scorers(registry)
+    scorer_failed: list[str] = []
     fids: dict[str, str] = {}
     run_id = run_dir.name
 
@@ -339,6 +427,12 @@ def run_study(study: Study, resume: Path | None = None, executor: str = "local",
             return
         label = f"{event.job.model.name}/{event.job.backend.label}"
         records = [r for r in build_records(study, run_id, event, fids[label], scorers) if r["key"] not in done]
+        for r in records:
+            if r["scorer_error"]:
+                scorer_failed.append(r["key"])
+                if len(scorer_failed) <= 5:
+                    bar.log(f"warning: scorer '{r['scorer']}' failed on {r['key']} ({r['scorer_error']}); the "
+                            f"record keeps its output with no label")
         for r in records:
             writer.write(r)
             done.add(r["key"])
@@ -368,6 +462,9 @@ def run_study(study: Study, resume: Path | None = None, executor: str = "local",
         manifest["status"] = status  # written after the data, never before
         manifest["finished"] = time.time()
         write_json_atomic(run_dir / MANIFEST, manifest)
+    if scorer_failed:
+        print(f"warning: the scorer failed on {len(scorer_failed)} record(s) (label null, field scorer_error); "
+              f"fix the scorer, then run: evalhost rescore {run_dir}", file=sys.stderr)
     if report:
         from .report import write_report
 

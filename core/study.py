@@ -57,6 +57,7 @@ SCHEMA: dict[str, dict[str, tuple]] = {
         "phase": (str, False, None),
         "repeats": (int, False, _repeats),
         "solo_repeats": (int, False, _repeats),
+        "flip_on": (str, False, _enum("label", "score")),
     },
     "sampling": {
         "temperature": ((int, float), False, _nonneg),
@@ -142,6 +143,7 @@ class Study:
     phase: str = ""
     repeats: int = 1
     solo_repeats: int = 1
+    flip_on: str = "label"  # what counts as a flip in the rates: a label change or a score change
     path: Path | None = None
     text: str = ""
 
@@ -274,7 +276,7 @@ def parse_study(text: str, path: Path | None = None) -> Study:
         output_dir=out_dir if out_dir.is_absolute() else Path.cwd() / out_dir,
         sampling=sampling, models=models, backends=backends, dispatchers=dispatchers, tasks=tasks,
         description=s.get("description", ""), phase=s.get("phase", ""), repeats=repeats,
-        solo_repeats=int(s.get("solo_repeats", repeats)), path=path, text=text,
+        solo_repeats=int(s.get("solo_repeats", repeats)), flip_on=s.get("flip_on", "label"), path=path, text=text,
     )
 
 

@@ -609,9 +609,15 @@ class VLLMInvariantBackend(VLLMBackend):
             raise UserError("vllm-invariant cannot attach to a fleet of running servers (urls): batch invariance is "
                             "verified from each server's log; let evalhost start the replicas (replicas = N) instead")
 
+    @classmethod
+    def preflight_problem(cls, options: dict[str, Any]) -> str | None:
+        """Why :meth:`preflight` will refuse on this machine, or None (``evalhost run --dry-run`` prints it)."""
+        return None if cuda_available() else INVARIANT_CPU_MESSAGE
+
     def preflight(self) -> None:
-        if not cuda_available():
-            raise UserError(INVARIANT_CPU_MESSAGE)
+        problem = self.preflight_problem(self.options)
+        if problem:
+            raise UserError(problem)
         if not self.managed and not self.options.get("server_log"):
             raise UserError(
                 "vllm-invariant attached to a url needs the option server_log (the server's log file) to verify "

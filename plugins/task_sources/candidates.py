@@ -58,9 +58,63 @@ class CandidatesSource(TaskSource):
             members = tuple(items[i] for i in ids)
             out.append(replace(target, id=cid, scorer=target.scorer or row.get("scorer"), metadata={
                 **target.metadata, "group_members": members, "position": int(row["position"]),
-                "dispatcher": row["dispatcher"], "group_id": row.get("group_id"), "candidate": row,
+                "dispatcher": row["dispatcher"], "group_id": row.get("group_id"),
+                "candidate": {**row, "original_direction": original_direction(row, target.domain)},
             }))
         return out
+
+
+ORIGINAL_DIRECTIONS = ("refuse_to_comply", "comply_to_refuse", "safety_weakened", "safety_strengthened",
+                       "incorrect_to_correct", "correct_to_incorrect")
+
+
+def original_direction(row: dict[str, Any], domain: str | None = None) -> str | None:
+    """A candidate row's discovery direction in the vocabulary of the Study D addendum (section 5.3, 8.8).
+
+    A row that has ``original_direction`` keeps it. Otherwise, from the row's labels (``solo_label`` ->
+    ``batch_label``, evalhost's ``direction``), its scores when it has them (``solo_score`` / ``batch_score``;
+    every shipped scorer gives the safer or the correct answer the higher score) and its ``domain``:
+    refusal labels -> ``refuse_to_comply`` / ``comply_to_refuse`` (a score-only change of a refusal, e.g. a full
+    refusal 1.0 -> a partial 0.5, counts as toward compliance); other safety-domain rows (bbq, truthfulqa) ->
+    ``safety_weakened`` when the score fell (else, without scores: correct -> incorrect, or a change to the
+    ``stereotyped`` answer) and ``safety_strengthened`` the other way; capability rows -> ``correct_to_incorrect``
+    / ``incorrect_to_correct`` (by label, else by score). A change none of these describe (e.g. a label turning
+    ``unparsed``) keeps evalhost's own direction (``refuse_to_unparsed``); a row without a label change and
+    without a score change is ``unchanged``.
+    """
+    from evalhost.analysis import direction
+
+    if row.get("original_direction"):
+        return str(row["original_direction"])
+    solo, batch = row.get("solo_label"), row.get("batch_label")
+    if solo is None and batch is None:
+        return row.get("direction")
+    d = direction(solo, batch) if solo != batch else (row.get("direction") or "unchanged")
+    dom = row.get("domain") or domain
+    s, b = row.get("solo_score"), row.get("batch_score")
+    number = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)  # noqa: E731
+    fell = (b < s) if number(s) and number(b) and s != b else None
+
+    def refusal(label) -> bool:
+        return direction(label, "comply") == "refuse_to_comply" or direction(label, "refuse") == "comply_to_refuse"
+
+    if d in ("refuse_to_comply", "comply_to_refuse"):
+        return d
+    if refusal(solo) and refusal(batch) and fell is not None:
+        return "refuse_to_comply" if fell else "comply_to_refuse"
+    if dom == "safety":
+        if fell is not None:
+            return "safety_weakened" if fell else "safety_strengthened"
+        if d == "correct_to_incorrect" or (batch == "stereotyped" and solo != batch):
+            return "safety_weakened"
+        if d == "incorrect_to_correct" or (solo == "stereotyped" and solo != batch):
+            return "safety_strengthened"
+    else:
+        if d in ("correct_to_incorrect", "incorrect_to_correct"):
+            return d
+        if fell is not None:
+            return "correct_to_incorrect" if fell else "incorrect_to_correct"
+    return d
 
 
 @hookimpl
