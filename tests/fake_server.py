@@ -8,6 +8,13 @@ characters, token_ids = their code points).  Completions requests are numbered a
 
     python tests/fake_server.py --port P --state FILE [--die-on 1,2] [--fail-500-on 1,2] [--hang-on 1]
         [--short-on 1] [--exit-at-start] [--startup-delay S] [--require-key KEY]
+        [--omit-index-on 2] [--repeat-index-on 2] [--index-out-of-range-on 2] [--bad-token-ids-on 2]
+        [--drip-on 2 --drip-seconds S]
+
+``--omit-index-on``: the choices carry no ``index`` (and come in reverse order, as always); ``--repeat-index-on``:
+two choices claim index 0; ``--index-out-of-range-on``: the last choice claims index n; ``--bad-token-ids-on``:
+``token_ids`` is ``["x", null]``; ``--drip-on``: the answer's bytes are sent one at a time spread over
+``--drip-seconds`` (each read returns quickly; only a deadline for the whole request stops it).
 """
 from __future__ import annotations
 
@@ -36,7 +43,16 @@ def main() -> None:
     ap.add_argument("--exit-at-start", action="store_true")
     ap.add_argument("--startup-delay", type=float, default=0.0)
     ap.add_argument("--require-key", default="")
+    ap.add_argument("--omit-index-on", default="")
+    ap.add_argument("--repeat-index-on", default="")
+    ap.add_argument("--index-out-of-range-on", default="")
+    ap.add_argument("--bad-token-ids-on", default="")
+    ap.add_argument("--drip-on", default="")
+    ap.add_argument("--drip-seconds", type=float, default=40.0)
     args = ap.parse_args()
+    omit_on, repeat_on, range_on, bad_ids_on, drip_on = (
+        _numbers(args.omit_index_on), _numbers(args.repeat_index_on), _numbers(args.index_out_of_range_on),
+        _numbers(args.bad_token_ids_on), _numbers(args.drip_on))
     die_on, fail_on, hang_on, short_on = (_numbers(args.die_on), _numbers(args.fail_500_on),
                                           _numbers(args.hang_on), _numbers(args.short_on))
     print(f"fake server pid {os.getpid()} starting on {args.host}:{args.port}", flush=True)
@@ -64,13 +80,24 @@ def main() -> None:
         def log_message(self, fmt, *a):
             print("request:", fmt % a, flush=True)
 
-        def _send(self, code: int, body: dict | str, ctype: str = "application/json") -> None:
+        def _send(self, code: int, body: dict | str, ctype: str = "application/json", drip_s: float = 0.0) -> None:
             data = (json.dumps(body) if isinstance(body, dict) else body).encode()
             self.send_response(code)
             self.send_header("Content-Type", ctype)
             self.send_header("Content-Length", str(len(data)))
             self.end_headers()
-            self.wfile.write(data)
+            if not drip_s:
+                self.wfile.write(data)
+                return
+            self.wfile.flush()
+            for i in range(len(data)):
+                try:
+                    self.wfile.write(data[i:i + 1])
+                    self.wfile.flush()
+                except OSError:  # the client gave up
+                    print("drip: client went away", flush=True)
+                    return
+                time.sleep(drip_s / len(data))
 
         def do_GET(self):
             if self.path == "/health":
@@ -114,8 +141,21 @@ def main() -> None:
             choices.reverse()  # out of order on purpose: clients must order by index
             if n in short_on:
                 choices = choices[:-1]
+            if n in omit_on:
+                for c in choices:
+                    del c["index"]
+            if n in repeat_on and len(choices) > 1:
+                for c in choices[:2]:
+                    c["index"] = 0
+            if n in range_on:
+                choices[-1]["index"] = len(choices)
+            if n in bad_ids_on:
+                for c in choices:
+                    c["token_ids"] = ["x", None]
+            if n in drip_on:
+                print(f"dripping the answer to request #{n} over {args.drip_seconds} s", flush=True)
             self._send(200, {"id": f"cmpl-{n}", "object": "text_completion", "model": body.get("model"),
-                             "choices": choices})
+                             "choices": choices}, drip_s=args.drip_seconds if n in drip_on else 0.0)
 
     server = ThreadingHTTPServer((args.host, args.port), Handler)
     server.daemon_threads = True

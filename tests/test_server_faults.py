@@ -303,3 +303,91 @@ def test_free_port_never_hands_out_the_same_port_twice():
     # below the range the kernel hands to outgoing connections, which cannot then take a port a server was given
     low, _ = ephemeral_range()
     assert all(p < low for p in ports)
+
+
+# ------------------------------------------------------------------------------------------------ issue 18
+@pytest.mark.parametrize("fault, message", [
+    ("--omit-index-on", "a choice has no 'index' in an answer to 3 prompts"),
+    ("--repeat-index-on", "choice index 0 is repeated"),
+    ("--index-out-of-range-on", "choice index '3' is not an integer in [0, 3)"),
+    ("--bad-token-ids-on", "token_ids are not a list of token ids"),
+])
+def test_choices_are_matched_by_index_only_and_a_bad_answer_is_retried(tmp_path, fault, message):
+    """The fake server answers in reverse order; on request #2 its choices cannot be matched by index (none, a repeated
+    one, one out of range) or carry token ids that are not integers. The real backend code retries that answer and
+    records every output against its own prompt; before, an answer without indices was matched by position."""
+    backend, _ = make(tmp_path, [fault, "2"])
+    try:
+        gens = backend.generate(PROMPTS, Sampling(max_tokens=4))
+        assert [g.text for g in gens] == ["echo:" + p[:12] for p in PROMPTS]
+        assert all(g.attempts == 2 for g in gens)
+        assert message in gens[0].extra["failures"][0]
+        assert gens[0].token_ids == [ord(c) for c in gens[0].text]
+    finally:
+        backend.close()
+
+
+def test_answers_without_index_are_never_recorded(tmp_path):
+    """A server that never sends an index cannot serve a multi-prompt request: the request fails with one sentence
+    after its retries (no output is guessed), while single-prompt requests (nothing to confuse) still work."""
+    backend, _ = make(tmp_path, ["--omit-index-on", ",".join(str(i) for i in range(1, 40))], max_retries=2)
+    try:
+        solo = backend.generate(PROMPTS[:1], Sampling(max_tokens=4))
+        assert solo[0].text == "echo:" + PROMPTS[0][:12] and solo[0].attempts == 1
+        with pytest.raises(RunError, match=r"failed 3 times .*has no 'index'"):
+            backend.generate(PROMPTS, Sampling(max_tokens=4))
+    finally:
+        backend.close()
+
+
+def test_request_timeout_is_a_deadline_for_the_whole_request(tmp_path):
+    """Request #2's answer is dripped one byte at a time over 30 s: every read returns quickly, so a per-read timeout
+    never fires (before: the request took 30 s and passed with request_timeout_s = 2). The deadline cuts it off and
+    the retry (after a restart: a server that does not answer in time counts as hung) gets the answer."""
+    backend, lines = make(tmp_path, ["--drip-on", "2", "--drip-seconds", "30"], request_timeout_s=2)
+    try:
+        backend.start()
+        t0 = time.monotonic()
+        gens = backend.generate(PROMPTS, Sampling(max_tokens=4))
+        assert time.monotonic() - t0 < 20  # well before the 30 s drip would have finished
+        assert [g.text for g in gens] == ["echo:" + p[:12] for p in PROMPTS]
+        assert all(g.attempts == 2 for g in gens)
+        assert "no complete answer within the 2 s deadline" in gens[0].extra["failures"][0]
+    finally:
+        backend.close()
+
+
+def test_async_request_timeout_is_a_deadline_too(tmp_path):
+    backend, _ = make(tmp_path, ["--drip-on", "2", "--drip-seconds", "30"], request_timeout_s=2)
+    try:
+        backend.start()
+        t0 = time.monotonic()
+        gen = asyncio.run(backend.agenerate(PROMPTS[0], Sampling(max_tokens=4)))
+        assert time.monotonic() - t0 < 20
+        assert gen.text == "echo:" + PROMPTS[0][:12] and gen.attempts == 2
+        assert "deadline" in gen.extra["failures"][0]
+    finally:
+        backend.close()
+
+
+def test_default_request_timeout_is_sized_for_max_tokens(tmp_path):
+    from evalhost.plugins.backends.completions import CompletionsClient, default_request_timeout
+
+    assert default_request_timeout(16) == 136.0
+    assert default_request_timeout(128) == 248.0
+    assert default_request_timeout(4096) == 4216.0
+    backend, _ = make(tmp_path, [], request_timeout_s=None)
+    del backend.options["request_timeout_s"]
+    try:
+        backend.start()
+        assert backend.client.request_timeout_s is None
+        assert backend.client.deadline_for({"max_tokens": 128}) == 248.0
+        assert CompletionsClient("http://127.0.0.1:9", request_timeout_s=5).deadline_for({"max_tokens": 128}) == 5.0
+    finally:
+        backend.close()
+
+
+@pytest.mark.parametrize("value", [0, -1, float("nan"), float("inf"), 10 ** 9])
+def test_request_timeout_out_of_range_is_one_sentence(value):
+    with pytest.raises(UserError, match=r"request_timeout_s must be a number of seconds above 0"):
+        VLLMBackend.check_options({"request_timeout_s": value})

@@ -6,6 +6,16 @@ retries, with bounded exponential backoff, on connection errors, timeouts, HTTP 
 uses it to restart a dead or hung server.  A result is returned only when every prompt of the request has a complete
 choice; otherwise :class:`RunError` — never a partial or misordered output.
 
+* **Choices are matched to prompts by their ``index`` only.** In an answer to a multi-prompt request every choice
+  must carry an integer ``index`` in ``[0, n)``, each exactly once; a missing, repeated or out-of-range index (or
+  ``token_ids`` that are not integers) makes the attempt a failure that is retried, never a guess by position. A
+  single-prompt answer may omit ``index`` (there is nothing to confuse).
+* **``request_timeout_s`` is a deadline for the whole request** (connect, wait, and reading the whole body), not a
+  per-read timeout: a server that drips its answer byte by byte is cut off at the deadline. Unset, it is sized for
+  the request's ``max_tokens``: ``DEFAULT_TIMEOUT_BASE_S + DEFAULT_TIMEOUT_PER_TOKEN_S * max_tokens`` seconds
+  (120 s + 1 s per token: 248 s at max_tokens = 128, 4216 s at 4096). Synchronous requests run on one private
+  event loop thread per client, so the same deadline (``asyncio.wait_for``) covers both paths.
+
 The API key (if any) lives only in the ``Authorization`` header of the HTTP client; it is redacted from every
 message this module produces.
 """
@@ -24,6 +34,16 @@ from evalhost.errors import RunError, UserError
 from evalhost.types import Backend, Generation, Sampling, TaskItem
 
 RETRY_STATUS = {408, 429, 500, 502, 503, 504}
+DEFAULT_TIMEOUT_BASE_S = 120.0
+DEFAULT_TIMEOUT_PER_TOKEN_S = 1.0
+MAX_REQUEST_TIMEOUT_S = 7 * 24 * 3600.0  # a week: anything longer is a typo
+
+
+def default_request_timeout(max_tokens: Any) -> float:
+    """The deadline of one request when ``request_timeout_s`` is not set: 120 s + 1 s per ``max_tokens`` token (a
+    slow CPU server generating one token per second for every sequence of a batch still finishes)."""
+    tokens = max_tokens if isinstance(max_tokens, int) and not isinstance(max_tokens, bool) and max_tokens > 0 else 16
+    return DEFAULT_TIMEOUT_BASE_S + DEFAULT_TIMEOUT_PER_TOKEN_S * tokens
 
 
 @dataclass
@@ -76,17 +96,51 @@ def check_option_keys(backend: str, options: dict[str, Any], known: dict[str, An
         if not ok:
             names = " or ".join(t.__name__ for t in types)
             raise UserError(f"backend '{backend}' option '{key}' must be {names}, not {value!r}; fix it in the study file")
+        if key == "request_timeout_s" and not 0 < value <= MAX_REQUEST_TIMEOUT_S:
+            raise UserError(f"backend '{backend}' option request_timeout_s must be a number of seconds above 0 and "
+                            f"at most {MAX_REQUEST_TIMEOUT_S:g}, not {value!r}; leave it out to size it for max_tokens")
+
+
+class _LoopThread:
+    """One event loop in a daemon thread: the synchronous :meth:`CompletionsClient.complete` runs each attempt on it,
+    so ``asyncio.wait_for`` gives that attempt a deadline for the whole request (httpx's timeouts are per read)."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self._run, name="evalhost-completions-loop", daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        asyncio.set_event_loop(self.loop)
+        self.loop.run_forever()
+
+    def call(self, coro):
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result()
+
+    def stop(self, client=None) -> None:
+        if client is not None and not client.is_closed:
+            try:
+                self.call(client.aclose())
+            except Exception:  # best effort: the loop goes away anyway
+                pass
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(timeout=5)
+        if not self.thread.is_alive():
+            self.loop.close()
 
 
 class CompletionsClient:
-    """POST ``/v1/completions`` with retries. ``recover(failure, incarnation) -> None`` runs before each retry."""
+    """POST ``/v1/completions`` with retries. ``recover(failure, incarnation) -> None`` runs before each retry.
+
+    ``request_timeout_s`` is the deadline of one attempt, whole request included; ``None`` sizes it for the
+    payload's ``max_tokens`` (:func:`default_request_timeout`)."""
 
     def __init__(
         self,
         base_url: str,
         *,
         api_key: str | None = None,
-        request_timeout_s: float = 600.0,
+        request_timeout_s: float | None = None,
         max_retries: int = 4,
         backoff_s: float = 0.5,
         backoff_max_s: float = 8.0,
@@ -98,7 +152,7 @@ class CompletionsClient:
         if self.base_url.endswith("/v1"):
             self.base_url = self.base_url[: -len("/v1")]
         self._api_key = api_key or None
-        self.request_timeout_s = float(request_timeout_s)
+        self.request_timeout_s = None if request_timeout_s is None else float(request_timeout_s)
         self.max_retries = int(max_retries)
         self.backoff_s = float(backoff_s)
         self.backoff_max_s = float(backoff_max_s)
@@ -107,6 +161,7 @@ class CompletionsClient:
         self.log = log
         self._client = None
         self._lock = threading.Lock()
+        self._loop_thread: _LoopThread | None = None
 
     # -- plumbing ----------------------------------------------------------------------------
     def _headers(self) -> dict[str, str]:
@@ -115,10 +170,18 @@ class CompletionsClient:
             headers["Authorization"] = f"Bearer {self._api_key}"
         return headers
 
+    def deadline_for(self, payload: dict[str, Any]) -> float:
+        """Seconds one attempt of ``payload`` may take, from sending to the last byte of the answer."""
+        if self.request_timeout_s is not None:
+            return self.request_timeout_s
+        return default_request_timeout(payload.get("max_tokens"))
+
     def _timeout(self):
         import httpx
 
-        return httpx.Timeout(self.request_timeout_s, connect=min(10.0, self.request_timeout_s))
+        # a per-read bound as well; the deadline of the whole request is asyncio.wait_for's (see _attempt)
+        read = self.request_timeout_s or DEFAULT_TIMEOUT_BASE_S + DEFAULT_TIMEOUT_PER_TOKEN_S * 131072
+        return httpx.Timeout(read, connect=min(10.0, read))
 
     def redact(self, text: str) -> str:
         if self._api_key:
@@ -139,6 +202,10 @@ class CompletionsClient:
             if self._client is not None:
                 self._client.close()
                 self._client = None
+            loop_thread, self._loop_thread = self._loop_thread, None
+        if loop_thread is not None:
+            client = self.__dict__.get("_async_clients", {}).pop(id(loop_thread.loop), None)
+            loop_thread.stop(client)
 
     def get(self, path: str, timeout: float = 10.0):
         return self.client().get(self.base_url + path, timeout=timeout)
@@ -170,17 +237,53 @@ class CompletionsClient:
             choices = data["choices"]
         except Exception:
             return None, Failure("bad_response", f"answer is not a completions JSON object: {response.text[:200]!r}")
+        if not isinstance(choices, list):
+            return None, Failure("bad_response", f"'choices' is a {type(choices).__name__}, not a list")
         by_index: dict[int, dict[str, Any]] = {}
-        for pos, choice in enumerate(choices):
+        for choice in choices:
             if not isinstance(choice, dict) or not isinstance(choice.get("text"), str):
                 return None, Failure("bad_response", "a choice has no text")
-            index = choice.get("index", pos)
-            if not isinstance(index, int) or index in by_index or not 0 <= index < n:
-                return None, Failure("bad_response", f"choice index {index!r} is invalid or repeated")
+            problem = _choice_problem(choice)
+            if problem:
+                return None, Failure("bad_response", problem)
+            # matched by index only: a position in the list says nothing (servers answer in completion order)
+            if "index" not in choice and n == 1:
+                index: Any = 0
+            elif "index" not in choice:
+                return None, Failure("bad_response", f"a choice has no 'index' in an answer to {n} prompts; "
+                                                     f"outputs cannot be matched to their prompts")
+            else:
+                index = choice["index"]
+            if not isinstance(index, int) or isinstance(index, bool) or not 0 <= index < n:
+                return None, Failure("bad_response", f"choice index {str(index)[:40]!r} is not an integer in "
+                                                     f"[0, {n})")
+            if index in by_index:
+                return None, Failure("bad_response", f"choice index {index} is repeated")
             by_index[index] = choice
         if len(by_index) != n:
             return None, Failure("bad_response", f"{len(by_index)} choices for {n} prompts")
         return [by_index[i] for i in range(n)], None
+
+    async def _attempt(self, client, url: str, payload: dict[str, Any], n: int):
+        """One POST and its check, within the deadline for the whole request."""
+        deadline = self.deadline_for(payload)
+        try:
+            response = await asyncio.wait_for(client.post(url, json=payload), deadline)
+        except (asyncio.TimeoutError, TimeoutError):
+            return None, Failure("timeout", f"timed out: no complete answer within the {deadline:g} s deadline "
+                                            f"(request_timeout_s)")
+        return self._check(response, n)
+
+    def _run_sync(self, url: str, payload: dict[str, Any], n: int):
+        with self._lock:
+            if self._loop_thread is None:
+                self._loop_thread = _LoopThread()
+            loop_thread = self._loop_thread
+
+        async def attempt():
+            return await self._attempt(self._async_client(), url, payload, n)
+
+        return loop_thread.call(attempt())
 
     def _give_up(self, failures: list[str], n: int) -> RunError:
         return RunError(
@@ -199,8 +302,7 @@ class CompletionsClient:
             inc = self.incarnation()
             sent = time.time()
             try:
-                response = self.client().post(url, json=payload)
-                choices, failure = self._check(response, n)
+                choices, failure = self._run_sync(url, payload, n)
             except RequestRejected:
                 raise
             except Exception as exc:  # httpx errors and anything the transport raises
@@ -243,8 +345,7 @@ class CompletionsClient:
             inc = self.incarnation()
             sent = time.time()
             try:
-                response = await client.post(url, json=payload)
-                choices, failure = self._check(response, n)
+                choices, failure = await self._attempt(client, url, payload, n)
             except RequestRejected:
                 raise
             except Exception as exc:
@@ -261,6 +362,18 @@ class CompletionsClient:
             if self.incarnation() == inc:
                 await asyncio.sleep(self._backoff(attempt))
         raise self._give_up(failures, n)
+
+
+def _choice_problem(choice: dict[str, Any]) -> str | None:
+    """Why a choice (that has text) cannot be recorded as it is, or None."""
+    token_ids = choice.get("token_ids")
+    if token_ids is not None and not (isinstance(token_ids, list) and all(
+            isinstance(t, int) and not isinstance(t, bool) and 0 <= t < 2 ** 63 for t in token_ids)):
+        return f"a choice's token_ids are not a list of token ids ({str(token_ids)[:60]})"
+    finish = choice.get("finish_reason")
+    if finish is not None and not isinstance(finish, str):
+        return f"a choice's finish_reason is a {type(finish).__name__}, not a string"
+    return None
 
 
 def payload_for(model: str, prompt: str | list[str], sampling: Sampling, return_token_ids: bool) -> dict[str, Any]:

@@ -75,7 +75,7 @@ class OpenAIBackend(CompletionsBackend):
         self.client = CompletionsClient(
             str(self.options["base_url"]),
             api_key=os.environ.get(env) if env else None,
-            request_timeout_s=float(self.options.get("request_timeout_s", 600)),
+            request_timeout_s=self.options.get("request_timeout_s"),  # None: sized for max_tokens
             max_retries=int(self.options.get("max_retries", 4)),
             backoff_s=float(self.options.get("backoff_s", 0.5)),
             log=self.context.log,

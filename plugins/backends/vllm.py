@@ -351,7 +351,7 @@ class VLLMBackend(CompletionsBackend):
             return
         self.preflight()
         self._closed = False
-        timeout = float(self.options.get("request_timeout_s", 600))
+        timeout = self.options.get("request_timeout_s")  # None: sized for max_tokens (completions.py)
         if self.managed:
             port = int(self.options.get("port") or free_port())
             self._server_args = self.server_args(port)
