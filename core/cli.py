@@ -140,6 +140,26 @@ def candidates(run_dir, output, text_changes):
     click.echo(f"{len(rows)} candidate rows -> {output}")
 
 
+@cli.command("import")
+@click.argument("file", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("-o", "--output", "run_dir", type=click.Path(path_type=Path), required=True,
+              help="The run directory to create (must not exist).")
+@click.option("--flip-on", type=click.Choice(["label", "score"]), default="label", show_default=True,
+              help="What the report counts as a flip: a label change, or a score change (e.g. 0.5 -> 1.0).")
+@click.option("--study", "study_name", default=None, help="Study name in the records (default: FILE's stem).")
+@click.option("--no-report", is_flag=True, help="Do not write report.md after importing.")
+def import_(file, run_dir, flip_on, study_name, no_report):
+    """Import results made elsewhere (JSONL or CSV, one row per row_id and mode) as a run directory."""
+    from .importer import import_file
+
+    path, rows, records = import_file(file, run_dir, flip_on=flip_on, study=study_name)
+    click.echo(f"imported {rows} rows -> {records} records in {path} (flip_on = {flip_on})")
+    if not no_report:
+        from .report import write_report
+
+        click.echo(f"report: {write_report(path)}")
+
+
 @cli.command()
 @click.argument("name", default="builtin:smollm2-135m-instruct")
 def model(name):
