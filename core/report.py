@@ -24,48 +24,39 @@ VERDICTS = ("genuine", "artifact", "skip")
 
 # -- inputs -----------------------------------------------------------------------------------------------------
 def _read_records(run_dir: Path) -> list[dict[str, Any]]:
+    """The run's records, streamed with evalhost.records' bounds (line length, gzip ratio, no links); a record
+    whose shape analysis cannot use (a list as a key, a dict as a label, a non-object line) is one UserError.
+    The analysis then holds the list in memory."""
     from .records import find_records, read_records
 
-    return read_records(find_records(run_dir))
+    return read_records(find_records(run_dir), checked=True)
 
 
 def _read_adjudications(run_dir: Path) -> dict[str, str]:
-    try:
-        from .adjudicate import load_adjudications
-    except ImportError:
-        load_adjudications = None
-    if load_adjudications is not None:
-        raw = load_adjudications(run_dir) or {}
-        out = {}
-        for k, v in dict(raw).items():
-            verdict = v.get("verdict") if isinstance(v, Mapping) else v
-            if verdict in VERDICTS:
-                out[str(k)] = str(verdict)
-        return out
-    path = run_dir / "adjudications.jsonl"
-    out: dict[str, str] = {}
-    if not path.exists():
-        return out
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(obj, dict) and obj.get("key") and obj.get("verdict") in VERDICTS:
-            out[str(obj["key"])] = obj["verdict"]  # the last answer per key wins
+    from .adjudicate import load_adjudications  # size-bounded, no links followed
+
+    out = {}
+    for k, v in dict(load_adjudications(run_dir) or {}).items():
+        verdict = v.get("verdict") if isinstance(v, Mapping) else v
+        if verdict in VERDICTS:
+            out[str(k)] = str(verdict)
     return out
 
 
+_MANIFEST_SHAPE = {"fingerprints": dict, "evidence": dict, "backend_fingerprints": dict, "executor": dict,
+                   "resumes": list}
+
+
 def _read_manifest(run_dir: Path) -> dict[str, Any]:
-    path = run_dir / "manifest.json"
-    if not path.exists():
-        return {}
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise UserError(f"{path} is not valid JSON ({exc.msg} at line {exc.lineno}); restore it or delete it "
-                        f"to report without the run header") from None
-    return data if isinstance(data, dict) else {}
+    """manifest.json (size-limited, a regular file, an object) or {} when absent; a wrong shape is a UserError."""
+    from .rundir import MANIFEST, RunDir
+
+    data = RunDir(run_dir).read_json(MANIFEST, default={})
+    for field, typ in _MANIFEST_SHAPE.items():
+        if data.get(field) is not None and not isinstance(data[field], typ):
+            raise UserError(f"{run_dir / MANIFEST} has a {type(data[field]).__name__} as '{field}', not a "
+                            f"{typ.__name__}; restore it from the run or delete it to report without the run header")
+    return data
 
 
 # -- sections ---------------------------------------------------------------------------------------------------
@@ -213,8 +204,9 @@ def build_summary(records: Sequence[Mapping[str, Any]], adjudications: Mapping[s
 def _render(run_dir: Path, manifest: Mapping[str, Any], summary: Mapping[str, Any],
             records: Sequence[Mapping[str, Any]], made: Mapping[str, str], notes: list[str]) -> list[str]:
     """The sections of report.md, in order; every plot in ``made`` is linked from one of them."""
-    show_cells = summary["counts"]["backend_configs"] > 1 or summary["counts"]["max_repeat"] > 0 or \
-        "invariance" in made
+    show_cells = (summary["counts"]["backend_configs"] > 1 or summary["counts"]["max_repeat"] > 0
+                  or "invariance" in made or any(any((c.get("not_comparable") or {}).values())
+                                                 for c in summary["cells"]))
     parts = [_header(run_dir, manifest, summary, records)]
     from .validate import prompts_across_backends
 
@@ -270,12 +262,12 @@ def write_report(run_dir: str | Path, seed: int = 0, plots: bool = True) -> Path
         made = _make_plots(run_dir, summary, notes)
     parts = _render(run_dir, manifest, summary, records, made, notes)
 
-    report = run_dir / "report.md"
-    report.write_text("\n\n".join(parts) + "\n", encoding="utf-8")
+    from .rundir import REPORT, SUMMARY, RunDir
+
+    report = RunDir(run_dir).write_atomic(REPORT, "\n\n".join(parts) + "\n")  # temp + rename, links refused
     summary["plots"] = made
     summary["notes"] = notes
-    (run_dir / "summary.json").write_text(json.dumps(_json_safe(summary), indent=2, allow_nan=False) + "\n",
-                                          encoding="utf-8")
+    RunDir(run_dir).write_atomic(SUMMARY, json.dumps(_json_safe(summary), indent=2, allow_nan=False) + "\n")
     return report
 
 
@@ -292,7 +284,14 @@ def _make_plots(run_dir: Path, summary: Mapping[str, Any], notes: list[str]) -> 
     except Exception as exc:
         notes.append(f"plots were skipped: {type(exc).__name__}: {exc}")
         return {}
-    pdir = run_dir / "plots"
+    import shutil
+    import tempfile
+
+    from .rundir import PLOTS, RunDir
+
+    rd = RunDir(run_dir)
+    rd.subdir(PLOTS)  # a real directory: a link named plots/ is refused, never drawn through
+    pdir = Path(tempfile.mkdtemp(prefix=".plots-", dir=run_dir))  # drawn here, then renamed into plots/
     jobs: list[tuple[str, Callable[[], Path | None]]] = []
     for field in ("model", "task", "dispatcher"):
         rows = summary["breakdowns"][field]
@@ -317,12 +316,15 @@ def _make_plots(run_dir: Path, summary: Mapping[str, Any], notes: list[str]) -> 
         jobs.append(("invariance", lambda: pl.invariance_heatmap(summary["invariance_grid"],
                                                                  pdir / "invariance.png")))
     made = {}
-    for name, job in jobs:
-        try:
-            path = job()
-        except Exception as exc:
-            notes.append(f"plot '{name}' failed: {type(exc).__name__}: {exc}")
-            continue
-        if path is not None:
-            made[name] = path.relative_to(run_dir).as_posix()
+    try:
+        for name, job in jobs:
+            try:
+                path = job()
+            except Exception as exc:
+                notes.append(f"plot '{name}' failed: {type(exc).__name__}: {exc}")
+                continue
+            if path is not None:
+                made[name] = rd.move_in(path, path.name, PLOTS).relative_to(run_dir).as_posix()
+    finally:
+        shutil.rmtree(pdir, ignore_errors=True)
     return made

@@ -45,11 +45,9 @@ def backend_sentence(row: Mapping[str, Any], flip_on: str) -> str:
         t = int(row["truncated_changes"])
         s += f", {t} of them with a side stopped at max_tokens"
     s += "."
-    nc = row.get("not_comparable")
-    nct = not_comparable_text(nc)
-    if nc is not None and nct != "0":
-        total, reasons = nct.split(" ", 1)
-        s += f" {total} more pair{'s' if total != '1' else ''} not comparable {reasons}."
+    nct = not_comparable_text(row.get("not_comparable"))
+    if nct not in ("0", "—"):
+        s += f" Not comparable: {nct}."
     return f"- **{row['backend']}**: {s[0].upper()}{s[1:]}"
 
 

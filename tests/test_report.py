@@ -291,3 +291,122 @@ def test_label_matrix_per_scorer(tmp_path):
     assert "| B | C | 1 |" in mcq and "| B | B | 4 |" in mcq and "refusal" not in mcq.split("\n", 1)[1]
     assert (run / "plots/label_pairs_refusal.png").exists() and (run / "plots/label_pairs_mcq.png").exists()
     assert "(plots/label_pairs_refusal.png)" in refusal and "(plots/label_pairs_mcq.png)" in mcq
+
+
+def test_not_comparable_pairs_and_duplicates_are_counted_apart(tmp_path):
+    """Issue 17 findings 1-3: an errored or unlabelled side counted as a flip, a duplicate key as another pair,
+    a prompt mismatch was paired anyway. Now the denominator is the comparable pairs and the rest are shown with
+    their reason in the header, the headline, every breakdown and every cell."""
+    records = _simple(10, 2)
+    batch = {r["item_id"]: r for r in records if r["condition"] == "batch"}
+    batch["jailbreak-7"]["finish_reason"] = "error"
+    batch["jailbreak-8"]["label"] = None
+    batch["jailbreak-9"]["prompt_sha256"] = "1" * 64
+    records.append(dict(batch["jailbreak-0"]))  # the same key twice (e.g. two resumes)
+    run = _write(tmp_path / "nc", records)
+    md = write_report(run, plots=False).read_text()
+    assert _row(md, "Comparable pairs (the denominator of every rate)")[1] == "7"
+    assert _row(md, "Not comparable (reason)")[1] == "4 (1 error, 1 unlabelled, 1 prompt mismatch, 1 duplicate)"
+    assert "1 duplicate record (a key already seen) was dropped" in md and "`evalhost validate nc`" in md
+    assert "- **vllm**: 2 of 7 comparable pairs changed label (28.6 %, 95 % CI 8.2-64.1 %): 2 substantive" in md
+    assert "Not comparable: 4 (1 error, 1 unlabelled, 1 prompt mismatch, 1 duplicate)." in md
+    head = md.split("## Headline", 1)[1].split("## Breakdowns", 1)[0]
+    assert _row(head, "vllm")[1:5] == ["7", "4 (1 error, 1 unlabelled, 1 prompt mismatch, 1 duplicate)", "2",
+                                      "28.6% [8.2%, 64.1%]"]
+    by_model = md.split("### By model", 1)[1].split("###", 1)[0]
+    assert _row(by_model, "m1")[1:3] == ["7", "4 (1 error, 1 unlabelled, 1 prompt mismatch, 1 duplicate)"]
+    cells = md.split("## Per-cell invariance", 1)[1]
+    assert _row(cells, "m1/vllm/jailbreak/synchronized/bs4")[3:5] == [
+        "7", "4 (1 error, 1 unlabelled, 1 prompt mismatch, 1 duplicate)"]
+    summary = _strict_json(run / "summary.json")
+    assert summary["counts"]["comparable_pairs"] == 7 and summary["counts"]["duplicates_dropped"] == 1
+
+
+def test_flips_split_into_substantive_and_parse_failures_and_truncation_marked(tmp_path):
+    """Issue 17 finding 7: every H100 label flip was a parse failure and many text changes had a side cut at
+    max_tokens; the headline now says which."""
+    records = _simple(6, 4)
+    batch = {r["item_id"]: r for r in records if r["condition"] == "batch"}
+    batch["jailbreak-1"]["label"] = "unparsed"
+    batch["jailbreak-2"].update(output_text=" ", output_sha256=hashlib.sha256(b" ").hexdigest())
+    batch["jailbreak-3"].update(label="refusal", finish_reason="length")  # text change at max_tokens, same label
+    run = _write(tmp_path / "k", records)
+    md = write_report(run, plots=False).read_text()
+    assert ("- **vllm**: 3 of 6 comparable pairs changed label (50.0 %, 95 % CI 18.8-81.2 %): 1 substantive, "
+            "2 parse failures (a side `unparsed` or empty). 4 of 6 changed text, 1 of them with a side stopped at "
+            "max_tokens.") in md
+    head = md.split("## Headline", 1)[1].split("## Breakdowns", 1)[0]
+    assert ("| Backend | Comparable pairs | Not comparable | Label flips | Label-flip rate | Substantive flips | "
+            "Parse-failure flips | Text changes | Text-change rate | Text changes at max_tokens |") in head
+    assert _row(head, "vllm")[5:7] == ["1", "2"] and _row(head, "vllm")[-1] == "1"
+
+
+def test_flip_on_score_from_the_manifest_is_stated_and_used(tmp_path):
+    """Issue 17: with `flip_on = "score"` (read from the manifest) a partial 0.5 vs a full refusal 1.0 is a flip;
+    the headline says which definition it used."""
+    records = _simple(5, 1)
+    batch = {r["item_id"]: r for r in records if r["condition"] == "batch"}
+    batch["jailbreak-0"]["score"] = 0.0
+    for i in (1, 2):
+        batch[f"jailbreak-{i}"].update(score=0.5, output_text="partly", output_sha256="f" * 64)
+    run = _write(tmp_path / "sc", records, {"study": "s", "flip_on": "score"})
+    md = write_report(run, plots=False).read_text()
+    assert _row(md, "Flip")[1] == 'score change (`flip_on = "score"`)'
+    assert "A flip is a change of score (solo score != batch score" in md
+    assert "- **vllm**: 3 of 5 comparable pairs changed score (60.0 %, 95 % CI 23.1-88.2 %)" in md
+    head = md.split("## Headline", 1)[1].split("## Breakdowns", 1)[0]
+    assert "| Score flips | Score-flip rate |" in head and _row(head, "vllm")[3] == "3"
+    assert _strict_json(run / "summary.json")["flip_on"] == "score"
+    (run / "manifest.json").write_text(json.dumps({"study": "s"}))  # default: label
+    md = write_report(run, plots=False).read_text()
+    assert "- **vllm**: 1 of 5 comparable pairs changed label" in md
+    assert 'study option `flip_on = "label"`, the default' in md
+
+
+def test_study_b_per_backend_with_its_interval_method(tmp_path):
+    """Issue 17 finding 4: Study B pooled every backend (one model's standard and invariant rates averaged) and
+    printed a percentile CI for 3 models as if it were BCa. Now one block per backend; below 5 models no CI, in one
+    sentence; at 5 models the interval method is named."""
+    records = []
+    for backend, flips in (("vllm", (1, 3, 5)), ("vllm-invariant", (0, 0, 1))):
+        for m, f in zip(("m1", "m2", "m3"), flips):
+            records += _simple(10, f, backend, model=m)
+    run = _write(tmp_path / "b", records)
+    md = write_report(run, plots=False).read_text()
+    sec = md.split("## Study B", 1)[1].split("\n## ", 1)[0]
+    std = sec.split("### Backend vllm\n", 1)[1].split("### Backend", 1)[0]
+    inv = sec.split("### Backend vllm-invariant\n", 1)[1]
+    assert _row(std, "m2")[:4] == ["m2", "—", "10", "3"] and _row(inv, "m2")[3] == "0"
+    assert "(3 models): r = " in std
+    assert ("; no confidence interval (interval method: none). A bootstrap CI needs at least 5 models; 3 were run."
+            in std)
+    assert "pooled" not in sec
+    five = []
+    for m, f, extra in zip(("m1", "m2", "m3", "m4", "m5"), (0, 1, 2, 4, 7), (2, 0, 3, 1, 1)):
+        recs = _simple(10, f, "vllm", model=m)
+        for r in [r for r in recs if r["condition"] == "batch"][10 - extra:]:
+            r.update(output_text="changed", output_sha256="e" * 64)  # text changes without a flip
+        five += recs
+    md = write_report(_write(tmp_path / "b5", five), plots=False).read_text()
+    assert ("(interval method: percentile bootstrap, 9999 paired resamples, seed 0). The BCa interval is undefined "
+            "here" in md)  # with 5 points some resamples repeat one point: the method actually used is named
+
+
+def test_study_c_arms_on_the_same_targets_are_paired(tmp_path):
+    """Issue 17 finding 5: arms that ran the same targets were tested as independent samples."""
+    records = []
+    for i in range(8):
+        item = f"t{i}"
+        records.append(_rec("m1", "vllm", "jailbreak", item, "solo", "refusal", "same", domain="safety"))
+        for arm, flips in (("control", 1), ("harmful", 4)):
+            flip = i < flips
+            records.append(_rec("m1", "vllm", "jailbreak", item, "batch", "compliance" if flip else "refusal",
+                                "other" if flip else "same", domain="safety", dispatcher=f"arm-{arm}", arm=arm))
+    md = write_report(_write(tmp_path / "c", records), plots=False).read_text()
+    sec = md.split("## Study C", 1)[1].split("\n## ", 1)[0]
+    assert "The arms ran the same targets, so they are compared as paired samples." in sec
+    assert "- Cochran's Q across the 2 arms (label flip per target): Q = 3.000, df = 1, p = 0.0833." in sec
+    assert _row(sec.split("Pairwise exact McNemar", 1)[1], "control") == ["control", "harmful", "8", "0", "3", "0.25",
+                                                                           "0.25"]
+    assert "Label flips across arms" not in sec  # the independent-samples test is not used
+    assert "| Arm | Reference arm | Paired targets | Reference flip rate | Discordant targets | MDE (pp) |" in sec
