@@ -511,3 +511,44 @@ def test_study_file_that_is_not_utf8_or_missing(world):
     empty = scratch_file(world, ".toml")
     empty.write_bytes(b"")
     check_outcome(["run", str(empty), "--dry-run"], "empty study", allow_ok=False)
+
+
+# ------------------------------------------------------------------------------------------------ issue 18
+HOST_PORT_TRICKS = ["--hos=0.0.0.0", "--ho=0.0.0.0", "--hos", "--ho", "--host", "--host=0.0.0.0", "--por=80",
+                    "--po", "--port", "--port=8000", "--h", "--p", "--model=x"]
+
+
+@pytest.mark.parametrize("arg", HOST_PORT_TRICKS)
+def test_extra_args_refuse_every_abbreviation_of_host_and_port(arg):
+    """argparse (vLLM's parser: allow_abbrev) reads any unambiguous prefix as the option: --hos=0.0.0.0 would bind
+    every interface. Each of these would set --host/--port/--model, or is a prefix argparse might expand to one."""
+    from evalhost.errors import UserError
+    from evalhost.plugins.backends.vllm import VLLMBackend
+
+    with pytest.raises(UserError, match=r"extra_args must not contain --(host|port|model)"):
+        VLLMBackend.check_options({"extra_args": ["--enforce-eager", arg, "0.0.0.0"]})
+
+
+def test_extra_args_check_matches_argparse_prefix_matching():
+    """What the check refuses is what an argparse parser with vLLM's options and allow_abbrev sets as host/port,
+    and what it lets through never sets them."""
+    import argparse
+
+    from evalhost.plugins.backends.vllm import VLLMBackend
+
+    parser = argparse.ArgumentParser(allow_abbrev=True, add_help=False)
+    for flag in ("--host", "--port", "--model", "--pooler-config", "--enforce-eager", "--max-model-len", "--hf-token"):
+        parser.add_argument(flag, nargs="?", const="1")
+    for arg in ["--hos=h", "--ho=h", "--hostn=x", "--por=1", "--poo=x", "--enforce-eager", "--max-model-len=9",
+                "--hf=x", "--port-=1", "--mo=x"]:
+        try:
+            ns = parser.parse_args([arg])
+            sets = ns.host is not None or ns.port is not None
+        except SystemExit:  # ambiguous or unknown: vLLM would refuse to start, harmless either way
+            sets = False
+        try:
+            VLLMBackend.check_options({"extra_args": [arg]})
+            refused = False
+        except Exception:
+            refused = True
+        assert not sets or refused, f"{arg} sets host/port but passed the check"

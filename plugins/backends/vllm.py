@@ -97,6 +97,24 @@ def cuda_available() -> bool:
     return bool(torch.cuda.is_available())
 
 
+RESERVED_FLAGS = ("--host", "--port", "--model")
+# vLLM parses its arguments with argparse, whose allow_abbrev accepts any unambiguous prefix of an option: "--hos"
+# or "--po=8000" would set --host / --port. Every prefix of at least 3 characters ("--h", "--p" included) is refused.
+PREFIX_GUARDED = ("--host", "--port")
+
+
+def _reserved_flag(arg: str) -> str | None:
+    """The evalhost-managed flag that ``arg`` (one extra_args entry) would set in vLLM's parser, or None."""
+    name = arg.split("=", 1)[0].strip()
+    if not name.startswith("--"):
+        return None
+    name = "--" + name[2:].replace("_", "-")  # vLLM's FlexibleArgumentParser reads --max_model_len as --max-model-len
+    for flag in PREFIX_GUARDED:
+        if len(name) >= 3 and flag.startswith(name):
+            return flag
+    return name if name in RESERVED_FLAGS else None
+
+
 class VLLMBackend(CompletionsBackend):
     """vLLM server backend (managed or attached). See the module docstring."""
 
@@ -135,10 +153,11 @@ class VLLMBackend(CompletionsBackend):
         if extra is not None and not all(isinstance(a, (str, int, float)) for a in extra):
             raise UserError(f"backend '{cls.plugin_name}' option extra_args must be a list of strings, "
                             f"e.g. [\"--enforce-eager\"]")
-        for bad in ("--host", "--port", "--model"):
-            if extra and any(str(a).split("=")[0] == bad for a in extra):
-                raise UserError(f"backend '{cls.plugin_name}' option extra_args must not contain {bad}; evalhost "
-                                f"sets it (use the options port / the model's path instead)")
+        for a in extra or []:
+            bad = _reserved_flag(str(a))
+            if bad:
+                raise UserError(f"backend '{cls.plugin_name}' option extra_args must not contain {bad} (found "
+                                f"{str(a)[:40]!r}); evalhost sets it (use the options port / the model's path instead)")
         name = cls.plugin_name
         kv = options.get("kv_cache_memory_bytes")
         if kv is not None and (isinstance(kv, bool) or kv < 1):
