@@ -1,4 +1,4 @@
-"""Statistics used by :mod:`evalhost.analysis` — all through scipy (numpy for bookkeeping only).
+"""Statistics used by :mod:`evalhost.analysis` — through scipy and statsmodels (numpy for bookkeeping only).
 
 Choices, stated once:
 
@@ -8,8 +8,23 @@ Choices, stated once:
 * One-way ANOVA: ``scipy.stats.f_oneway``; effect size eta squared = SS_between / SS_total.
 * Pearson r: ``scipy.stats.pearsonr``; its 95% CI is a seeded paired bootstrap (``scipy.stats.bootstrap``,
   ``paired=True``, method **BCa**, 9,999 resamples).  BCa corrects the bias and skew of r's sampling
-  distribution near +-1.  If a resample is degenerate (a constant column, so r is undefined) BCa's interval is
-  undefined; we then report the percentile interval over the finite resamples and say so in ``method``.
+  distribution near +-1.  Below ``min_n`` points (5) no CI is computed: with 3 or 4 points most resamples repeat
+  a point, r is +-1 or undefined, and the interval says nothing (an audit saw "r = 0.791, CI [0.79, 1.00]" with
+  3 models); ``ci_note`` then says so in one sentence and ``method`` is None.  If a resample is degenerate (a
+  constant column, so r is undefined) scipy's BCa interval is NaN; we then report the percentile interval over the
+  finite resamples, set ``method`` to ``"bootstrap-percentile"`` and say why in ``ci_note``; otherwise ``method``
+  is ``"bootstrap-bca"``.
+* Paired arms (Study C): Cochran's Q across arms (``statsmodels.stats.contingency_tables.cochrans_q``) on the
+  targets every arm ran; pairwise exact McNemar (above) with Holm's correction
+  (``statsmodels.stats.multitest.multipletests(method="holm")``).
+* Paired minimum detectable effect: the normal approximation for McNemar's test on the discordant pairs (Connor
+  1987, Biometrics 43:207-211, p. 209).  With psi = p01 + p10 the discordant proportion and d = p10 - p01 the
+  difference of the two flip rates, n = (z_{1-a/2} sqrt(psi) + z_{power} sqrt(psi - d^2))^2 / d^2 and
+  power(d) = Phi((|d| sqrt(n) - z sqrt(psi)) / sqrt(psi - d^2)) + Phi((-|d| sqrt(n) - z sqrt(psi)) /
+  sqrt(psi - d^2)).  The MDE is the d whose power is the target, with psi = max(observed discordant proportion,
+  d) (a difference d needs at least a proportion d of discordant targets), found with ``scipy.optimize.brentq``.
+  Known value: p01 = 0.45, p10 = 0.05, alpha 0.05 two-sided, power 0.8 gives n = 23 (Connor's example, as
+  reproduced by the open "powerandsamplesize" McNemar calculator).
 * Composition arms: Fisher's exact test for a 2x2 table, Pearson chi-square (``chi2_contingency``, no Yates
   correction) for larger tables.
 * Minimum detectable effect: two-sided two-sample z-test on **Cohen's h** (arcsine-transformed proportions,
@@ -84,20 +99,31 @@ def anova_oneway(groups: Mapping[str, Sequence[float]]) -> dict[str, Any]:
 
 
 def pearson_bootstrap(x: Sequence[float], y: Sequence[float], seed: int = 0, n_resamples: int = 9999,
-                      confidence: float = 0.95) -> dict[str, Any]:
-    """Pearson r, its p (``pearsonr``) and a seeded paired BCa bootstrap CI (see the module docstring)."""
+                      confidence: float = 0.95, min_n: int = 5, unit: str = "points") -> dict[str, Any]:
+    """Pearson r, its p (``pearsonr``) and a seeded paired BCa bootstrap CI (see the module docstring).
+
+    ``method`` names the interval actually computed (``"bootstrap-bca"``, ``"bootstrap-percentile"`` or None when
+    no CI was computed); ``ci_note`` is one sentence when the CI was refused or is not BCa, else None.
+    """
     xa = np.asarray(x, dtype=float)
     ya = np.asarray(y, dtype=float)
     keep = ~(np.isnan(xa) | np.isnan(ya))
     xa, ya = xa[keep], ya[keep]
-    out: dict[str, Any] = {"n": int(xa.size), "r": NAN, "p": NAN, "ci_lo": NAN, "ci_hi": NAN,
-                           "method": "BCa", "n_resamples": int(n_resamples), "seed": int(seed),
-                           "confidence": confidence, "note": ""}
-    if xa.size < 3 or np.ptp(xa) == 0 or np.ptp(ya) == 0:
+    n = int(xa.size)
+    out: dict[str, Any] = {"n": n, "r": NAN, "p": NAN, "ci_lo": NAN, "ci_hi": NAN,
+                           "method": None, "n_resamples": int(n_resamples), "seed": int(seed),
+                           "confidence": confidence, "min_n": int(min_n), "ci_note": None, "note": ""}
+    if n < 3 or np.ptp(xa) == 0 or np.ptp(ya) == 0:
         out["note"] = "needs at least 3 points and variation in both variables"
+        out["ci_note"] = (f"no correlation can be computed from {n} {unit} without variation in both variables"
+                          if n >= 3 else f"a correlation needs at least 3 {unit}; {n} were run")
         return out
     res = stats.pearsonr(xa, ya)
     out["r"], out["p"] = float(res.statistic), float(res.pvalue)
+    if n < min_n:
+        out["ci_note"] = f"a bootstrap CI needs at least {min_n} {unit}; {n} were run"
+        out["note"] = out["ci_note"]
+        return out
 
     def _r(a, b, axis=-1):
         a = a - a.mean(axis=axis, keepdims=True)
@@ -112,12 +138,16 @@ def pearson_bootstrap(x: Sequence[float], y: Sequence[float], seed: int = 0, n_r
         boot = stats.bootstrap((xa, ya), _r, paired=True, vectorized=True, n_resamples=n_resamples,
                                confidence_level=confidence, method="BCa", rng=rng)
     lo, hi = float(boot.confidence_interval.low), float(boot.confidence_interval.high)
+    out["method"] = "bootstrap-bca"
     if math.isnan(lo) or math.isnan(hi):
         dist = np.asarray(boot.bootstrap_distribution, dtype=float)
         finite = dist[np.isfinite(dist)]
         alpha = (1 - confidence) / 2
         lo, hi = (float(np.percentile(finite, 100 * alpha)), float(np.percentile(finite, 100 * (1 - alpha))))
-        out["method"] = f"percentile ({dist.size - finite.size} degenerate resamples dropped; BCa undefined)"
+        out["method"] = "bootstrap-percentile"
+        out["ci_note"] = (f"the BCa interval is undefined here ({dist.size - finite.size} of {dist.size} resamples "
+                          f"had no variation), so this is the percentile interval of the other resamples")
+        out["note"] = out["ci_note"]
     out["ci_lo"], out["ci_hi"] = lo, hi
     return out
 
@@ -199,3 +229,72 @@ def items_needed(target_mde_pp: float, baseline: float | None = None, alpha: flo
     while power_two_proportions(baseline, p2, n, n, alpha) < power:
         n += 1
     return n
+
+
+# -- paired designs (Study C arms that ran the same targets) ---------------------------------------------------
+def cochran_q(table: Sequence[Sequence[int]]) -> dict[str, Any]:
+    """Cochran's Q across the columns (arms) of a targets x arms 0/1 table (statsmodels).
+
+    With fewer than two arms or no target on which the arms disagree there is nothing to test: Q = 0, p = 1 and
+    ``note`` says why.
+    """
+    t = np.asarray(table, dtype=int)
+    n = int(t.shape[0]) if t.ndim == 2 else 0
+    arms = int(t.shape[1]) if t.ndim == 2 else 0
+    out: dict[str, Any] = {"q": 0.0, "df": max(arms - 1, 0), "p": 1.0, "n": n, "note": ""}
+    if arms < 2 or n == 0:
+        out["note"] = "needs at least two arms and one target that every arm ran"
+        return out
+    if not ((t.min(axis=1) != t.max(axis=1)).any()):
+        out["note"] = "no target has different outcomes across arms"
+        return out
+    from statsmodels.stats.contingency_tables import cochrans_q  # lazy: statsmodels is a heavy import
+
+    res = cochrans_q(t)
+    out.update(q=float(res.statistic), df=int(res.df), p=float(res.pvalue))
+    return out
+
+
+def holm(pvalues: Sequence[float]) -> list[float]:
+    """Holm-adjusted p values (``statsmodels.stats.multitest.multipletests(method="holm")``)."""
+    if not len(pvalues):
+        return []
+    from statsmodels.stats.multitest import multipletests
+
+    return [float(p) for p in multipletests(list(pvalues), method="holm")[1]]
+
+
+def power_paired(d: float, psi: float, n: float, alpha: float = 0.05) -> float:
+    """Power of the two-sided McNemar test (normal approximation, Connor 1987) for a difference ``d`` of the two
+    paired rates, discordant proportion ``psi`` and ``n`` pairs (see the module docstring)."""
+    d = abs(d)
+    if n <= 0 or psi <= 0 or d > psi:
+        return NAN
+    z = _z(alpha)
+    sd = math.sqrt(max(psi - d * d, 1e-300))
+    return float(stats.norm.cdf((d * math.sqrt(n) - z * math.sqrt(psi)) / sd)
+                 + stats.norm.cdf((-d * math.sqrt(n) - z * math.sqrt(psi)) / sd))
+
+
+def pairs_needed(p01: float, p10: float, alpha: float = 0.05, power: float = 0.8) -> int:
+    """Pairs needed to detect discordant proportions ``p01`` vs ``p10`` (Connor 1987; rounded up)."""
+    psi, d = p01 + p10, p10 - p01
+    if d == 0 or not (0 < psi <= 1):
+        raise ValueError("the discordant proportions must differ and add up to at most 1")
+    n = ((_z(alpha) * math.sqrt(psi) + float(stats.norm.ppf(power)) * math.sqrt(psi - d * d)) / d) ** 2
+    return int(math.ceil(n - 1e-9))
+
+
+def mde_paired(n: int, discordant: float, alpha: float = 0.05, power: float = 0.8) -> float:
+    """Smallest difference of two paired flip rates (a proportion) detectable with ``power`` on ``n`` paired
+    targets when a proportion ``discordant`` of them is discordant (taken at least as large as the difference;
+    see the module docstring); NaN when ``n`` is 0 or even a difference of 1.0 is not detectable."""
+    if n <= 0 or math.isnan(discordant):
+        return NAN
+
+    def pw(d: float) -> float:
+        return power_paired(d, max(discordant, d), n, alpha)
+
+    if pw(1.0 - 1e-12) < power:
+        return NAN
+    return float(optimize.brentq(lambda d: pw(d) - power, 1e-9, 1.0 - 1e-12, xtol=1e-12))

@@ -9,6 +9,7 @@ import pytest
 
 from evalhost import analysis as an
 from evalhost import stats as st
+from evalhost.errors import UserError
 
 
 def rec(*, model="m1", backend="vllm", task="jailbreak", item="i1", condition="batch", label="refusal", text="x",
@@ -337,3 +338,268 @@ def test_composition_arms_test_and_mde():
 
 def test_composition_without_arms_is_empty():
     assert an.composition(duo("refusal", "refusal"))["arms"] == []
+
+
+# -- issue 17: comparable pairs, duplicates, prompt mismatch ----------------------------------------------------
+def _nc(**kw):
+    out = {"error": 0, "unlabelled": 0, "prompt_mismatch": 0, "duplicate": 0}
+    out.update(kw)
+    return out
+
+
+def _with_broken_pairs():
+    records = []
+    for i in range(10):
+        records += duo("refusal", "compliance" if i == 0 else "refusal", "s", "b" if i == 0 else "s", item=f"ok{i}")
+    err = duo("refusal", None, "s", "", item="err")  # the batch request failed
+    err[1]["finish_reason"] = "error"
+    scorer = duo("refusal", None, "s", "b", item="scorer")  # the scorer raised on the batch output
+    scorer[1]["scorer_error"] = "ValueError: boom"
+    unlabelled = duo(None, None, "s", "t", item="unlab")  # two missing labels are not "no flip"
+    mismatch = duo("refusal", "compliance", "s", "b", item="mism")
+    mismatch[1]["prompt_sha256"] = "another prompt"
+    return records + err + scorer + unlabelled + mismatch
+
+
+def test_errors_unlabelled_and_prompt_mismatch_leave_every_denominator():
+    s = an.summarize(_with_broken_pairs())
+    lf, tc = s["overall"]["label_flips"], s["overall"]["text_changes"]
+    assert (lf["k"], lf["n"], tc["k"], tc["n"]) == (1, 10, 1, 10)
+    assert s["counts"]["pairs"] == 14 and s["counts"]["comparable_pairs"] == 10
+    expected = _nc(error=2, unlabelled=1, prompt_mismatch=1)
+    assert s["counts"]["not_comparable"] == expected and s["overall"]["not_comparable"] == expected
+    [head] = s["headline"]
+    assert head["backend"] == "vllm" and head["pairs"] == 10 and head["not_comparable"] == expected
+    assert (head["label_flips"]["k"], head["label_flips"]["n"]) == (1, 10)
+    [row] = s["breakdowns"]["task"]
+    assert row["pairs"] == 10 and row["not_comparable"] == expected and row["label_flips"]["k"] == 1
+    cell = next(c for c in s["cells"] if c["condition"] == "batch")
+    assert cell["pairs"] == 10 and cell["not_comparable"] == expected and cell["text_changes"]["k"] == 1
+    by_key = {p["item_id"]: p for p in an.pair(_with_broken_pairs())}
+    assert [by_key[i]["not_comparable"] for i in ("err", "scorer", "unlab", "mism", "ok1")] == \
+        ["error", "error", "unlabelled", "prompt_mismatch", None]
+    assert not any(by_key[i]["flip"] for i in ("err", "scorer", "unlab", "mism"))
+    assert by_key["mism"]["label_flip"] is True  # the raw label change stays visible
+
+
+def test_prompt_mismatch_is_excluded_from_study_d_and_candidates():
+    recs = duo("refusal", "compliance", "s", "b", item="m", backend="x") + \
+        duo("refusal", "refusal", item="m", backend="y")
+    recs[1]["prompt_sha256"] = "other"
+    cmp = an.compare_backends(recs, "x", "y")
+    assert cmp["rows"] == 0 and cmp["rows_shared"] == 1 and cmp["not_comparable"]["prompt_mismatch"] == 1
+    assert cmp["label"]["a_only"] == 0
+    assert an.export_candidates(recs) == []
+
+
+def _audit_duplicates():
+    """The audit's shape: 85 solo + 360 batch records, every one written twice (two resumes) -> 890 records."""
+    records = []
+    for i in range(85):
+        records.append(rec(condition="solo", item=f"i{i}"))
+        for bs in (2, 4, 8, 16) + ((32,) if i < 20 else ()):
+            records.append(rec(condition="batch", item=f"i{i}", bs=bs))
+    return records + [dict(r) for r in records]
+
+
+def test_duplicate_keys_are_dropped_counted_and_never_paired():
+    records = _audit_duplicates()
+    assert len(records) == 890
+    s = an.summarize(records)
+    c = s["counts"]
+    assert (c["records"], c["pairs"], c["comparable_pairs"], c["duplicates_dropped"]) == (890, 360, 360, 445)
+    assert c["not_comparable"]["duplicate"] == 445 and c["unpaired_batch"] == 0
+    assert s["overall"]["label_flips"]["n"] == 360
+    assert s["headline"][0]["not_comparable"]["duplicate"] == 445
+    solo_cell = next(x for x in s["cells"] if x["condition"] == "solo")
+    assert solo_cell["records"] == 85 and solo_cell["not_comparable"]["duplicate"] == 85
+    assert len(an.pair(records)) == 360
+    bs = {r["value"]: (r["pairs"], r["not_comparable"]["duplicate"]) for r in s["breakdowns"]["batch_size"]}
+    assert bs == {2: (85, 85), 4: (85, 85), 8: (85, 85), 16: (85, 85), 32: (20, 20)}
+
+
+# -- issue 17: flip kinds, truncation, flip_on ------------------------------------------------------------------
+def _kinds():
+    sub = duo("refusal", "compliance", "I cannot", "Sure", item="sub")
+    unparsed = duo("refusal", "unparsed", "I cannot", "???", item="unp")
+    empty = duo("refusal", "compliance", "I cannot", "  ", item="empty")
+    cut = duo("refusal", "refusal", "I cannot help", "I cannot", item="cut")
+    cut[1]["finish_reason"] = "length"
+    same = duo("refusal", "refusal", item="same")
+    return sub + unparsed + empty + cut + same
+
+
+def test_flip_kinds_split_substantive_from_parse_failures_and_mark_truncation():
+    s = an.summarize(_kinds())
+    [h] = s["headline"]
+    assert (h["label_flips"]["k"], h["substantive_flips"]["k"], h["parse_failure_flips"]["k"]) == (3, 1, 2)
+    assert h["label_flips"]["n"] == h["substantive_flips"]["n"] == 5
+    assert h["text_changes"]["k"] == 4 and h["truncated_changes"] == 1
+    assert s["overall"]["substantive_flips"]["k"] == 1 and s["overall"]["parse_failure_flips"]["k"] == 2
+    kinds = {p["item_id"]: (p["flip_kind"], p["truncated"]) for p in an.pair(_kinds())}
+    assert kinds == {"sub": ("substantive", False), "unp": ("parse_failure", False),
+                     "empty": ("parse_failure", False), "cut": (None, True), "same": (None, False)}
+
+
+def _partial():
+    """The addendum's case: the label stays a refusal but the score drops from a full (1.0) to a partial (0.5)."""
+    recs = duo("refusal", "refusal", "No.", "No, but...", item="partial", score=None)
+    recs[0]["score"], recs[1]["score"] = 1.0, 0.5
+    return recs + duo("refusal", "refusal", item="full", score=1.0)
+
+
+def test_flip_on_score_counts_a_score_change_as_the_flip():
+    by_label = an.summarize(_partial())
+    by_score = an.summarize(_partial(), flip_on="score")
+    assert by_label["flip_on"] == "label" and by_label["overall"]["label_flips"]["k"] == 0
+    assert by_score["flip_on"] == "score" and by_score["overall"]["label_flips"]["k"] == 1
+    [p] = [p for p in an.pair(_partial(), flip_on="score") if p["item_id"] == "partial"]
+    assert (p["flip"], p["label_flip"], p["score_flip"], p["flip_kind"]) == (True, False, True, "substantive")
+    two = [dict(r, backend=b, key=f"{b}/{r['key']}") for b in ("x", "y") for r in _partial()]
+    for r in two:
+        if r["backend"] == "y" and r["condition"] == "batch":
+            r["score"] = 1.0
+    cmp = an.compare_backends(two, "x", "y", flip_on="score")
+    assert (cmp["label"]["a_only"], cmp["label"]["b_only"], cmp["flip_on"]) == (1, 0, "score")
+    assert an.compare_backends(two, "x", "y", pairs=an.pair(two))["label"]["a_only"] == 0  # label mode
+    assert an.compare_backends(two, "x", "y", pairs=an.pair(two), flip_on="score")["label"]["a_only"] == 1
+    arms = [dict(r, arm=a) for a in ("control", "other") for r in _partial()]
+    for r in arms:
+        r["key"] = f"{r['arm']}/{r['key']}"
+    assert {a["arm"]: a["label_flips"]["k"] for a in an.composition(arms, flip_on="score")["arms"]} == \
+        {"control": 1, "other": 1}
+    models = [dict(r, model=m, key=f"{m}/{r['key']}") for m in ("m1", "m2") for r in _partial()]
+    res = an.study_b(models, flip_on="score", n_resamples=200)
+    assert [m["label_flips"]["k"] for m in res["backends"][0]["models"]] == [1, 1]
+    with pytest.raises(UserError, match="flip_on"):
+        an.summarize(_partial(), flip_on="text")
+
+
+# -- issue 17: Study B per backend -------------------------------------------------------------------------------
+def test_study_b_is_per_backend_never_pooled_and_refuses_the_ci_below_five_models():
+    records = []
+    for m, flips in (("m1", 1), ("m2", 4), ("m3", 7)):
+        for backend, k in (("vllm", flips), ("vllm-invariant", 0)):
+            for i in range(10):
+                f = i < k
+                records += duo("refusal", "compliance" if f else "refusal", "s", "b" if f else "s",
+                               model=m, backend=backend, item=f"{m}-{i}", alignment_type="sft")
+    res = an.study_b(records, seed=3, n_resamples=500)
+    per = {b["backend"]: b for b in res["backends"]}
+    assert set(per) == {"vllm", "vllm-invariant"}
+    assert [m["label_flips"]["k"] for m in per["vllm"]["models"]] == [1, 4, 7]
+    assert [m["label_flips"]["n"] for m in per["vllm"]["models"]] == [10, 10, 10]  # not 20: never pooled
+    assert [m["label_flips"]["k"] for m in per["vllm-invariant"]["models"]] == [0, 0, 0]
+    assert per["vllm"]["pooled"]["safety"]["k"] == 12 and per["vllm"]["pooled"]["safety"]["n"] == 30
+    pr = per["vllm"]["pearson_text_vs_flip"]
+    assert pr["ci_note"] == "a bootstrap CI needs at least 5 models; 3 were run"
+    assert pr["method"] is None and math.isnan(pr["ci_lo"]) and math.isnan(pr["ci_hi"])
+    assert res["legacy_backend"] == "vllm" and res["models"] == per["vllm"]["models"]
+
+
+def test_study_b_names_the_interval_method_with_enough_models():
+    res = an.study_b(study_b_records(study_b_table()), seed=5, n_resamples=1000)
+    [b] = res["backends"]
+    assert b["pearson_text_vs_flip"]["method"] == "bootstrap-bca" and b["pearson_text_vs_flip"]["ci_note"] is None
+
+
+# -- issue 17: Study C paired ------------------------------------------------------------------------------------
+DRUGS = {"FFF": 6, "UFF": 2, "FFU": 16, "UFU": 4, "FUF": 2, "UUF": 6, "FUU": 4, "UUU": 6}
+
+
+def _paired_arms():
+    """Three arms over the same 46 targets; an arm's flip is the published three-drug table's 'F' (Agresti 2002;
+    Cochran's Q = 8.4706, p = 0.0145 in SAS/STAT's PROC FREQ example)."""
+    records, i = [], 0
+    for pattern, n in DRUGS.items():
+        for _ in range(n):
+            item = f"t{i}"
+            records.append(rec(condition="solo", item=item, text="s"))
+            for arm, c in zip(("control", "harmful", "mixed"), pattern):
+                f = c == "F"
+                records.append(rec(condition="batch", item=item, arm=arm, dispatcher=f"arm-{arm}",
+                                   label="compliance" if f else "refusal", text="b" if f else "s"))
+            i += 1
+    return records
+
+
+def test_composition_arms_on_the_same_targets_are_tested_as_paired():
+    res = an.composition(_paired_arms())
+    assert res["paired"] is True and res["design"] == "paired" and res["paired_targets"] == 46
+    q = res["cochran_q"]
+    assert (round(q["q"], 4), q["df"], round(q["p"], 4)) == (8.4706, 2, 0.0145)
+    pw = {(r["a"], r["b"]): r for r in res["pairwise"]}
+    assert (pw[("control", "harmful")]["a_only"], pw[("control", "harmful")]["b_only"]) == (6, 6)
+    assert (pw[("control", "mixed")]["a_only"], pw[("control", "mixed")]["b_only"]) == (20, 8)
+    raw = [pw[k]["p"] for k in (("control", "harmful"), ("control", "mixed"), ("harmful", "mixed"))]
+    assert raw == pytest.approx([1.0, st.mcnemar_exact(20, 8), st.mcnemar_exact(20, 8)])
+    assert [pw[k]["p_holm"] for k in (("control", "harmful"), ("control", "mixed"), ("harmful", "mixed"))] == \
+        pytest.approx([1.0, 3 * raw[1], 3 * raw[1]])  # Holm: 3 p, the two smallest tie
+    mde = {m["arm"]: m for m in res["mde_paired"]}
+    assert mde["harmful"]["n"] == 46 and mde["harmful"]["discordant"] == pytest.approx(12 / 46)
+    assert mde["harmful"]["mde_pp"] == pytest.approx(100 * st.mde_paired(46, 12 / 46))
+
+
+def test_composition_arms_without_shared_targets_stay_independent():
+    records = []
+    for arm in ("control", "harmful"):
+        for i in range(20):
+            records += duo("refusal", "compliance" if i < 2 else "refusal", item=f"{arm}-{i}", arm=arm)
+    res = an.composition(records)
+    assert res["paired"] is False and res["design"] == "independent" and "cochran_q" not in res
+    assert res["flip_test"]["test"] == "fisher_exact"
+
+
+# -- issue 17: Study D phase and original direction --------------------------------------------------------------
+def test_study_d_breaks_down_by_phase_and_discovery_direction():
+    records = study_d_records()
+    for r in records:
+        r["original_direction"] = "refuse_to_comply" if r["domain"] == "safety" else "correct_to_incorrect"
+    cmp = an.compare_backends(records, "vllm", "vllm-invariant")
+    od = {r["value"]: (r["rows"], r["a_flips"]["k"], r["b_flips"]["k"]) for r in cmp["breakdowns"]["original_direction"]}
+    assert od == {"refuse_to_comply": (44, 22, 0), "correct_to_incorrect": (11, 0, 0)}
+    direction_rows = {r["value"]: r["rows"] for r in cmp["breakdowns"]["direction"]}
+    assert direction_rows == {"refuse_to_comply": 44, "correct_to_incorrect": 11}  # not the rerun's 'unchanged'
+    phase = {r["value"]: (r["rows"], r["a_flips"]["k"], r["b_flips"]["k"], r["a_text"]["k"])
+             for r in cmp["breakdowns"]["phase"]}
+    assert phase == {"phase1": (46, 18, 0, 21), "phase5": (9, 4, 0, 4)}
+    assert all("not_comparable" in r for rows in cmp["breakdowns"].values() for r in rows)
+    assert all("not_comparable" in m for m in cmp["modes"])
+
+
+# -- issue 17: contract keys and hostile records ---------------------------------------------------------------
+def test_summarize_returns_the_contract_keys():
+    s = an.summarize(_mixed_run())
+    assert {"comparable_pairs", "duplicates_dropped", "not_comparable", "pairs"} <= set(s["counts"])
+    assert s["flip_on"] == "label"
+    assert set(s["headline"][0]) >= {"backend", "pairs", "not_comparable", "label_flips", "substantive_flips",
+                                     "parse_failure_flips", "text_changes", "truncated_changes"}
+    assert {"substantive_flips", "parse_failure_flips", "not_comparable"} <= set(s["overall"])
+    assert "original_direction" in s["breakdowns"] and "phase" in s["breakdowns"]
+    assert all("not_comparable" in r for rows in s["breakdowns"].values() for r in rows)
+    assert all("not_comparable" in c for c in s["cells"])
+    p = an.pair(_mixed_run())[0]
+    assert {"comparable", "not_comparable", "flip", "label_flip", "score_flip", "flip_kind", "truncated",
+            "original_direction"} <= set(p)
+
+
+def test_hostile_records_do_not_crash_the_analysis():
+    recs = duo({"verdict": "refusal"}, {"verdict": "refusal"}, item="dict-same")
+    recs += duo({"verdict": "refusal"}, {"verdict": "comply"}, "s", "b", item="dict-flip")
+    recs += duo(["a"], True, item="list-bool")
+    odd = rec(condition="batch", item="odd", label="refusal")
+    odd.update(key=["a", "list"], model={"m": 1}, peers="p1", timings="soon", attempts="many", repeat="x",
+               output_token_ids=5, score={"s": 1}, batch_size=[4], scorer_error={"e": 1})
+    recs += [odd, dict(odd), "not a record", None, 42]
+    s = an.summarize(recs)
+    by_item = {p["item_id"]: p for p in an.pair(recs)}
+    assert by_item["dict-same"]["flip"] is False and by_item["dict-flip"]["flip"] is True
+    assert by_item["dict-flip"]["batch_label"] == '{"verdict": "comply"}'
+    assert by_item["list-bool"]["solo_label"] == '["a"]' and by_item["list-bool"]["batch_label"] == "true"
+    assert s["counts"]["malformed"] == 3 and s["counts"]["duplicates_dropped"] == 1
+    assert s["overall"]["label_flips"]["k"] == 2
+    an.compare_backends(recs, "vllm", "other")
+    an.study_b(recs, n_resamples=100)
+    an.composition([dict(r, arm=["x"]) if isinstance(r, dict) else r for r in recs])
+    an.export_candidates(recs)
+    an.comparable_backends(recs)

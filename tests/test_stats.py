@@ -83,7 +83,7 @@ def test_pearson_bootstrap_is_seeded_and_brackets_r():
     res = st.pearson_bootstrap(x, y, seed=7, n_resamples=2000)
     assert res["r"] == pytest.approx(np.corrcoef(x, y)[0, 1])
     assert res["ci_lo"] < res["r"] < res["ci_hi"] <= 1.0
-    assert res["method"] == "BCa"
+    assert res["method"] == "bootstrap-bca" and res["ci_note"] is None
     again = st.pearson_bootstrap(x, y, seed=7, n_resamples=2000)
     assert (again["ci_lo"], again["ci_hi"]) == (res["ci_lo"], res["ci_hi"])
     other = st.pearson_bootstrap(x, y, seed=8, n_resamples=2000)
@@ -95,7 +95,8 @@ def test_pearson_with_ties_falls_back_to_percentile_and_says_so():
     y = [0] * 9 + [1, 1, 2, 2, 4, 5]
     res = st.pearson_bootstrap(x, y, seed=1, n_resamples=2000)
     assert not math.isnan(res["ci_lo"]) and res["ci_lo"] <= res["r"] <= res["ci_hi"]
-    assert res["method"].startswith("percentile")
+    assert res["method"] == "bootstrap-percentile"
+    assert "BCa interval is undefined" in res["ci_note"]
 
 
 def test_fisher_2x2_matches_hypergeometric_sum():
@@ -170,3 +171,46 @@ def test_items_needed_without_baseline_is_the_worst_case():
 def test_items_needed_rejects_impossible_targets():
     with pytest.raises(ValueError):
         st.items_needed(60.0, 0.5)
+
+
+# -- issue 17: CI refused below 5 points; paired designs (Cochran's Q, Holm, McNemar power) ----------------------
+def test_pearson_refuses_a_bootstrap_ci_below_five_points_with_one_sentence():
+    res = st.pearson_bootstrap([0.1, 0.3, 0.2], [0.2, 0.5, 0.1], seed=1, n_resamples=500, unit="models")
+    assert res["r"] == pytest.approx(np.corrcoef([0.1, 0.3, 0.2], [0.2, 0.5, 0.1])[0, 1])
+    assert math.isnan(res["ci_lo"]) and math.isnan(res["ci_hi"]) and res["method"] is None
+    assert res["ci_note"] == "a bootstrap CI needs at least 5 models; 3 were run"
+    five = st.pearson_bootstrap([0.1, 0.3, 0.2, 0.5, 0.4], [0.2, 0.5, 0.1, 0.6, 0.3], seed=1, n_resamples=500)
+    assert five["method"] in ("bootstrap-bca", "bootstrap-percentile") and not math.isnan(five["ci_lo"])
+
+
+def test_cochran_q_reproduces_the_published_drug_example():
+    """Agresti (2002) three-drug data, as in SAS/STAT PROC FREQ's "Cochran's Q Test" example: Q = 8.4706, 2 df,
+    p = 0.0145."""
+    counts = {"FFF": 6, "UFF": 2, "FFU": 16, "UFU": 4, "FUF": 2, "UUF": 6, "FUU": 4, "UUU": 6}
+    table = [[int(c == "F") for c in k] for k, n in counts.items() for _ in range(n)]
+    res = st.cochran_q(table)
+    assert (round(res["q"], 4), res["df"], round(res["p"], 4), res["n"]) == (8.4706, 2, 0.0145, 46)
+    assert st.cochran_q([[1, 1, 1], [0, 0, 0]])["p"] == 1.0  # no discordant target: nothing to test
+
+
+def test_holm_matches_the_step_down_by_hand():
+    assert st.holm([0.01, 0.04, 0.03]) == pytest.approx([0.03, 0.06, 0.06])
+    assert st.holm([]) == []
+
+
+def test_pairs_needed_reproduces_connors_example():
+    """Connor (1987) p. 209: p01 = 0.45, p10 = 0.05, alpha 0.05 two-sided, power 0.8 -> 23 pairs."""
+    assert st.pairs_needed(0.45, 0.05) == 23
+    psi, d = 0.5, 0.4
+    n = ((1.959963984540054 * math.sqrt(psi) + 0.8416212335729143 * math.sqrt(psi - d * d)) / d) ** 2
+    assert st.power_paired(d, psi, n) == pytest.approx(0.80, abs=1e-3)
+
+
+@pytest.mark.parametrize("n,disc", [(46, 12 / 46), (200, 0.05), (200, 0.0), (55, 22 / 55)])
+def test_mde_paired_has_power_080_under_connors_formula(n, disc):
+    d = st.mde_paired(n, disc)
+    psi = max(disc, d)
+    z_a, z_b = 1.959963984540054, 0.8416212335729143
+    n_needed = ((z_a * math.sqrt(psi) + z_b * math.sqrt(psi - d * d)) / d) ** 2
+    assert n_needed == pytest.approx(n, rel=2e-3)  # the far tail adds ~nothing to the power
+    assert math.isnan(st.mde_paired(0, 0.1))
