@@ -104,7 +104,7 @@ def paired_bars(comparison: Mapping[str, Any], path: Path) -> Path | None:
                         zorder=5)
             ax.text(x, h + hi + 1.5, f"{pct_text(h)}\n{mode[key]['k']}/{mode[key]['n']}", ha="center", fontsize=9)
     ax.set_xticks([0, 1])
-    ax.set_xticklabels(["label flips", "text changes"])
+    ax.set_xticklabels(["score flips" if comparison.get("flip_on") == "score" else "label flips", "text changes"])
     ax.set_ylabel("% of paired rows (Wilson 95% CI)")
     top = max(_err(m[k])[0] + _err(m[k])[2] for m in modes for k in ("label_flips", "text_changes"))
     ax.set_ylim(0, max(10.0, (0 if math.isnan(top) else top) + 12))
