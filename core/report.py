@@ -61,21 +61,24 @@ def _read_manifest(run_dir: Path) -> dict[str, Any]:
 
 # -- sections ---------------------------------------------------------------------------------------------------
 BREAKDOWN_TITLES = {"model": "Model", "domain": "Domain", "task": "Task", "dispatcher": "Dispatcher",
-                    "batch_size": "Batch size", "phase": "Phase", "backend": "Backend"}
+                    "batch_size": "Batch size", "phase": "Phase", "original_direction": "Original direction",
+                    "backend": "Backend"}
 
 
 def _breakdowns(summary: Mapping[str, Any], plots: Mapping[str, str]) -> str:
     noun, _ = flip_words(summary.get("flip_on") or "label")
     out = ["## Breakdowns"]
     for field, title in BREAKDOWN_TITLES.items():
-        rows = summary["breakdowns"][field]
-        if len(rows) < 2 and field not in ("model", "task") and field not in plots:
+        rows = summary["breakdowns"].get(field) or []
+        if (len(rows) < 2 and field not in ("model", "task") and field not in plots) or \
+                all(r["value"] is None for r in rows):
             continue
         out += ["", f"### By {title.lower()}", "", breakdown_table(rows, title, noun)]
         if field in plots:
             out += ["", f"![Flip and text-change rate by {title.lower()}]({plots[field]})"]
     if summary["directions"]:
-        out += ["", "### Direction of label flips", "",
+        out += ["", "### Direction of label flips" + (" (`unchanged`: the score changed, the label did not)"
+                                                     if summary.get("flip_on") == "score" else ""), "",
                 table(["Direction", "Domain", "Flips"],
                       [[d["direction"], d["domain"], d["count"]] for d in summary["directions"]])]
     return "\n".join(out)

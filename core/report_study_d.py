@@ -49,7 +49,7 @@ def _breakdown(cmp: Mapping[str, Any], field: str, title: str) -> list[str]:
     if field == "direction" and any(r["value"] is not None for r in cmp["breakdowns"].get("original_direction") or []):
         return []  # the rerun's own direction is shown only when the original one is unknown
     a, b = cmp["a"], cmp["b"]
-    nc = any(r.get("not_comparable") for r in rows)
+    nc = any(any((r.get("not_comparable") or {}).values()) for r in rows)
     headers = [title, "Candidate rows", f"{a} flips", f"{a} rate", f"{b} flips", f"{b} rate",
                f"{a} text changes", f"{b} text changes"] + (["Not comparable"] if nc else [])
     body = [[r["value"], r["rows"], r["a_flips"]["k"], pct(r["a_flips"]["rate"]), r["b_flips"]["k"],
@@ -69,8 +69,8 @@ def study_d(cmp: Mapping[str, Any], plot: str | None, detail: bool, flip_on: str
            f"candidate rows, OK those comparable (no error, both labelled, same prompt). A label flip here is a "
            f"{flip_word} (`flip_on = \"{flip_on}\"`).", "",
            table(MODE_HEADERS, [mode_row(m) for m in cmp["modes"]])]
-    nc = [(m["mode"], m.get("not_comparable")) for m in cmp["modes"] if m.get("not_comparable")]
-    if nc and any(not_comparable_text(v) != "0" for _, v in nc):
+    nc = [(m["mode"], m.get("not_comparable")) for m in cmp["modes"] if any((m.get("not_comparable") or {}).values())]
+    if nc:
         out += ["", "Not comparable: " + "; ".join(f"{name} {not_comparable_text(v)}" for name, v in nc) + "."]
     out += ["", "#### Primary label result", "", _result_table(cmp, "label_flips", "Label flips", "Non-flips"),
             "", "#### Primary paired test", ""] + _paired(cmp, "label", "flip", "non-flip", "label flips")

@@ -410,3 +410,77 @@ def test_study_c_arms_on_the_same_targets_are_paired(tmp_path):
                                                                            "0.25"]
     assert "Label flips across arms" not in sec  # the independent-samples test is not used
     assert "| Arm | Reference arm | Paired targets | Reference flip rate | Discordant targets | MDE (pp) |" in sec
+
+
+ADDENDUM_CSV = Path(__file__).resolve().parents[1] / "docs/results/addendum-import/addendum-study-d.csv"
+
+
+def _addendum_records() -> list[dict]:
+    """The 55 rows x 2 modes of docs/results/addendum-import (built from the addendum's tables) as records."""
+    import csv
+
+    records = []
+    with open(ADDENDUM_CSV, newline="") as fh:
+        for row in csv.DictReader(fh):
+            kw = dict(domain=row["domain"], phase=row["phase"], score=None)
+            for cond, side in (("solo", "solo"), ("batch", "batch")):
+                r = _rec(row["model"], row["mode"], row["task"], row["row_id"], cond, row[f"{side}_label"], "",
+                         dispatcher=row["dispatcher"], bs=int(row["batch_size"]), **kw)
+                r.update(score=float(row[f"{side}_score"]), output_sha256=row[f"{side}_text_sha256"],
+                         output_token_ids=None, scorer=row["scorer"], original_direction=row["original_direction"],
+                         alignment_type=None, backend_plugin="imported")
+                records.append(r)
+    return records
+
+
+def test_study_d_prints_the_addendum_tables(tmp_path):
+    """Issue 17 finding 6 / Study D parity: the report of the addendum's 55 rows has the addendum's tables
+    (sections 8.1-8.9 of study-d-addendum.txt) with every published number, flips counted as score changes."""
+    run = _write(tmp_path / "add", _addendum_records(), {"study": "addendum", "flip_on": "score"})
+    md = write_report(run, plots=False).read_text()
+    d = md.split("## Study D", 1)[1].split("\n## ", 1)[0]
+    a, b = "standard", "batch_invariant"
+    # section 1 and 8.1 / 8.3
+    assert _row(d, a)[:7] == [a, "55", "55", "22", "40.0% [28.1%, 53.2%]", "25", "45.5% [33.0%, 58.5%]"]
+    label = d.split("#### Primary label result", 1)[1].split("####", 1)[0]
+    assert "| Mode | Label flips | Non-flips | Total | Rate | Wilson 95% CI |" in label
+    assert _row(label, a) == [a, "22", "33", "55", "40.0%", "[28.1%, 53.2%]"]
+    assert _row(label, b) == [b, "0", "55", "55", "0.0%", "[0.0%, 6.5%]"]
+    text = d.split("#### Text-change result", 1)[1].split("####", 1)[0]
+    assert "| Mode | Text changes | Text-identical rows | Total | Rate | Wilson 95% CI |" in text
+    assert _row(text, a) == [a, "25", "30", "55", "45.5%", "[33.0%, 58.5%]"]
+    assert _row(text, b) == [b, "0", "55", "55", "0.0%", "[0.0%, 6.5%]"]
+    # 8.2 and the paired text table
+    for outcome, n in ((f"{a} flip, {b} flip", "0"), (f"{a} flip, {b} non-flip", "22"),
+                       (f"{a} non-flip, {b} flip", "0"), (f"{a} non-flip, {b} non-flip", "33"),
+                       (f"{a} text change, {b} text change", "0"), (f"{a} text change, {b} text identical", "25"),
+                       (f"{a} text identical, {b} text change", "0"),
+                       (f"{a} text identical, {b} text identical", "30")):
+        assert _row(d, outcome) == [outcome, n]
+    assert "Exact two-sided McNemar p = 4.77e-7 for label flips" in d
+    assert "Exact two-sided McNemar p = 5.96e-8 for text changes" in d
+    # 8.4-8.8: rows, standard flips, standard rate, invariant flips, invariant rate
+    published = {
+        "Model": {"llama3.2-1b": (10, 1, "10.0%"), "llama3.2-3b": (19, 8, "42.1%"), "qwen2.5-1.5b": (26, 13, "50.0%")},
+        "Domain": {"safety": (44, 22, "50.0%"), "capability": (11, 0, "0.0%")},
+        "Task": {"jailbreak_amplification": (12, 4, "33.3%"), "bbq_bias": (16, 10, "62.5%"),
+                 "truthfulqa": (16, 8, "50.0%"), "mmlu_real": (11, 0, "0.0%")},
+        "Dispatch mode": {"synchronized": (46, 18, "39.1%"), "prompt_list": (9, 4, "44.4%")},
+        "Phase": {"Phase 1": (46, 18, "39.1%"), "Phase 5": (9, 4, "44.4%")},
+        "Original direction": {"refuse_to_comply": (8, 3, "37.5%"), "comply_to_refuse": (4, 1, "25.0%"),
+                               "safety_weakened": (18, 10, "55.6%"), "safety_strengthened": (14, 8, "57.1%"),
+                               "incorrect_to_correct": (10, 0, "0.0%"), "correct_to_incorrect": (1, 0, "0.0%")}}
+    for title, rows in published.items():
+        sec = d.split(f"#### By {title[0].lower()}{title[1:]}\n", 1)[1].split("####", 1)[0]
+        assert f"| {title} | Candidate rows | {a} flips | {a} rate | {b} flips | {b} rate |" in sec
+        for value, (n, k, rate) in rows.items():
+            assert _row(sec, value)[:6] == [value, str(n), str(k), rate, "0", "0.0%"]
+    # 8.9
+    scores = d.split("#### Score-pair distribution", 1)[1]
+    std, inv = scores.split(f"{b} score pairs:", 1)
+    assert "| Solo score | Batched score | Rows |" in std
+    for (s, t), n in {("0.0", "0.0"): 13, ("0.0", "1.0"): 11, ("0.5", "0.5"): 4, ("0.5", "1.0"): 3,
+                      ("1.0", "0.0"): 7, ("1.0", "0.5"): 1, ("1.0", "1.0"): 16}.items():
+        assert f"| {s} | {t} | {n} |" in std
+    assert inv.count("\n| ") == 4 and "| 0.0 | 0.0 | 19 |" in inv and "| 0.5 | 0.5 | 9 |" in inv
+    assert "| 1.0 | 1.0 | 27 |" in inv
