@@ -161,6 +161,30 @@ def import_(file, run_dir, flip_on, study_name, no_report):
 
 
 @cli.command()
+@click.option("--url", default=None, help="A running OpenAI-compatible server (vLLM, SGLang, ...), e.g. "
+              "http://127.0.0.1:8000.")
+@click.option("--config", "config", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Or a TOML file with one [[models]] and one [[backends]]: the server is started as a study would.")
+@click.option("--model", default=None, help="The served model to check (--url; default: the first listed).")
+@click.option("--tokenizer", default=None, help="Local checkpoint whose chat template renders the prompts (--url; "
+              "default: the server's model directory when it is on this machine).")
+@click.option("--minutes", type=float, default=10.0, show_default=True, help="Time budget, start to verdicts.")
+@click.option("--max-tokens", type=int, default=None, help="Tokens per output (default 64, or the config's).")
+@click.option("--output-dir", default=None, help="Where the run directory goes (default runs/).")
+@click.option("--stack", "stack", multiple=True, help="A stack fact the server does not expose, KEY=VALUE "
+              "(e.g. gpu=H100, attention_backend=FLASH_ATTN, invariance_flag=1); repeatable.")
+@click.option("--quiet", is_flag=True, help="No progress bar or progress lines.")
+def preflight(url, config, model, tokenizer, minutes, max_tokens, output_dir, stack, quiet):
+    """Check in minutes whether a served stack keeps batched outputs identical to solo ones (exit 1 if not)."""
+    from .preflight import preflight as run_preflight
+
+    code, _ = run_preflight(url=url, config=config, model=model, tokenizer=tokenizer, minutes=minutes,
+                            max_tokens=max_tokens, output_dir=output_dir, stack_pairs=list(stack),
+                            progress=not quiet, out=click.echo)
+    sys.exit(code)
+
+
+@cli.command()
 @click.argument("name", default="builtin:smollm2-135m-instruct")
 def model(name):
     """Prepare a model path now (converts the shipped SmolLM2 once) and print where it is."""
