@@ -155,9 +155,39 @@ def import_(file, run_dir, flip_on, study_name, no_report):
     path, rows, records = import_file(file, run_dir, flip_on=flip_on, study=study_name)
     click.echo(f"imported {rows} rows -> {records} records in {path} (flip_on = {flip_on})")
     if not no_report:
+        from .importer import study_d_section
         from .report import write_report
 
-        click.echo(f"report: {write_report(path)}")
+        report_path = write_report(path)
+        section = study_d_section(report_path.read_text(encoding="utf-8"))
+        if section:
+            click.echo("\n" + section + "\n")
+        click.echo(f"report: {report_path}")
+
+
+@cli.command()
+@click.argument("run_dir", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--scorer", default=None, help="Score every record with this scorer (default: each task's own).")
+def rescore(run_dir, scorer):
+    """Score RUN_DIR's stored outputs again (no generation) and rewrite the report.
+
+    \b
+    For a fixed scorer, or records with a scorer_error. The labels it replaces are kept: one line per rescore
+    in RUN_DIR/rescore-history.jsonl (each changed record's key, old and new label/score/rationale/scorer_error),
+    written before the new records file replaces the old one by rename (records.jsonl, or records.jsonl.gz when
+    archived; never edited in place). Holds the run directory's lock; safe against kill -9 (run it again).
+    """
+    from .rescore import HISTORY, rescore_run
+
+    result = rescore_run(run_dir, scorer=scorer)
+    now = f", {result['scorer_errors']} scorer error(s) now" if result["scorer_errors"] else ""
+    if result["changed"]:
+        click.echo(f"rescored {result['records']} records: {result['changed']} changed "
+                   f"({result['scorer_errors_before']} had a scorer error{now}); old values in {run_dir / HISTORY}")
+    else:
+        click.echo(f"rescored {result['records']} records: nothing changed{now}")
+    if result["report"]:
+        click.echo(f"report: {result['report']}")
 
 
 @cli.command()

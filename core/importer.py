@@ -38,7 +38,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .errors import UserError
+from .errors import RunError, UserError
 
 COLUMNS = ("row_id", "mode", "model", "task", "domain", "dispatcher", "batch_size", "phase", "original_direction",
            "solo_label", "batch_label", "solo_score", "batch_score", "solo_text_sha256", "batch_text_sha256")
@@ -348,7 +348,23 @@ def import_file(path: str | Path, run_dir: str | Path, flip_on: str = "label", s
         if os.path.lexists(run_dir):
             raise UserError(f"{run_dir} appeared while importing; choose a new directory")
         os.rename(tmp, run_dir)
+    except OSError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise RunError(f"could not write {run_dir} ({exc.strerror or exc}); nothing was written - free space or "
+                       f"choose another place and import again") from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return run_dir, len(rows), len(records)
+
+
+def study_d_section(report: str) -> str:
+    """The Study D part of a report.md (from its "## Study D" heading to the next "## " heading, without image
+    links), which ``evalhost import`` prints: the paired comparison of the imported modes."""
+    start = report.find("\n## Study D")
+    if start < 0:
+        return ""
+    end = report.find("\n## ", start + 1)
+    body = report[start + 1:end if end >= 0 else len(report)]
+    return "\n".join(line for line in body.splitlines() if not line.startswith("![")).strip()
+

@@ -187,6 +187,23 @@ def test_bad_input_names_file_and_line_exits_2_and_writes_nothing(tmp_path, caps
     assert list(out_parent.iterdir()) == []  # no run directory, no temporary directory left behind
 
 
+def test_a_failure_while_writing_leaves_nothing_behind(tmp_path, capsys, monkeypatch):
+    import os
+
+    src = write_jsonl(tmp_path / "r.jsonl", good_rows())
+    out_parent = tmp_path / "runs"
+    out_parent.mkdir()
+
+    def broken_rename(a, b):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "rename", broken_rename)
+    code, _, err = cli(["import", str(src), "-o", str(out_parent / "run")], capsys)
+    assert code == 1 and "No space left on device" in err and "nothing was written" in err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert list(out_parent.iterdir()) == []
+
+
 def test_other_files_and_existing_run_dirs_are_refused(tmp_path, capsys):
     src = write_jsonl(tmp_path / "r.jsonl", good_rows())
     existing = tmp_path / "run"
@@ -347,6 +364,13 @@ def check_report_numbers(report: str):
 
 def test_report_prints_the_addendum_numbers(addendum_run):
     check_report_numbers((addendum_run / "report.md").read_text(encoding="utf-8"))
+
+
+def test_evalhost_import_prints_the_addendum_numbers(tmp_path, capsys):
+    code, out, err = cli(["import", str(ADDENDUM_CSV), "-o", str(tmp_path / "run"), "--flip-on", "score"], capsys)
+    assert code == 0, err
+    assert "imported 110 rows -> 220 records" in out
+    check_report_numbers(out)
 
 
 def test_committed_run_directory_is_the_import_of_the_committed_file(addendum_run):
