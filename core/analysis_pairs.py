@@ -22,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+from collections import Counter
 from collections.abc import Mapping as _MappingABC
 from typing import Any, Iterable, Mapping, Sequence
 
@@ -260,7 +261,7 @@ def make_pair(solo: Mapping[str, Any], rec: Mapping[str, Any], flip_on: str = "l
         "truncated": solo.get("finish_reason") == "length" or rec.get("finish_reason") == "length",
         "first_divergent_token": first_divergence(solo.get("output_token_ids"), rec.get("output_token_ids")),
         "direction": dirn, "comparable": comparable, "not_comparable": reason, "ok": comparable,
-        "scorer_error": rec.get("scorer_error") or solo.get("scorer_error"),
+        "scorer": rec.get("scorer"), "scorer_error": rec.get("scorer_error") or solo.get("scorer_error"),
     }
 
 
@@ -308,3 +309,9 @@ def rates(pairs: Sequence[Mapping[str, Any]], duplicates: int = 0) -> dict[str, 
 def count_field(records: Iterable[Mapping[str, Any]], field: str, value: Any) -> int:
     """How many of ``records`` have ``field == value`` (for duplicates per row)."""
     return sum(1 for r in records if r.get(field) == value)
+
+
+def pair_distribution(pairs: Sequence[Mapping[str, Any]], a: str, b: str) -> list[dict[str, Any]]:
+    counts = Counter((p.get(a), p.get(b)) for p in pairs)
+    return [{"solo": s, "batch": t, "count": c}
+            for (s, t), c in sorted(counts.items(), key=lambda kv: (sort_key(kv[0][0]), sort_key(kv[0][1])))]

@@ -556,7 +556,8 @@ def test_study_d_breaks_down_by_phase_and_discovery_direction():
     for r in records:
         r["original_direction"] = "refuse_to_comply" if r["domain"] == "safety" else "correct_to_incorrect"
     cmp = an.compare_backends(records, "vllm", "vllm-invariant")
-    od = {r["value"]: (r["rows"], r["a_flips"]["k"], r["b_flips"]["k"]) for r in cmp["breakdowns"]["original_direction"]}
+    od = {r["value"]: (r["rows"], r["a_flips"]["k"], r["b_flips"]["k"])
+          for r in cmp["breakdowns"]["original_direction"]}
     assert od == {"refuse_to_comply": (44, 22, 0), "correct_to_incorrect": (11, 0, 0)}
     direction_rows = {r["value"]: r["rows"] for r in cmp["breakdowns"]["direction"]}
     assert direction_rows == {"refuse_to_comply": 44, "correct_to_incorrect": 11}  # not the rerun's 'unchanged'
