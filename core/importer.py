@@ -54,6 +54,12 @@ _SHA = re.compile(r"^[0-9a-f]{64}$")
 MAX_BYTES = 256 * 2**20
 
 
+def _shown(value: Any, n: int = 60) -> str:
+    """``repr`` of a value from the input, cut to ``n`` characters (a message stays one short sentence)."""
+    r = repr(value)
+    return r if len(r) <= n else r[: n - 4] + "...'"
+
+
 def _sha256_text(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
@@ -84,7 +90,8 @@ def read_rows(path: Path) -> tuple[list[tuple[int, dict[str, Any]]], str]:
 
 def _read_jsonl(path: Path, text: str) -> list[tuple[int, dict[str, Any]]]:
     rows = []
-    for n, line in enumerate(text.splitlines(), 1):
+    for n, line in enumerate(text.split("\n"), 1):  # not splitlines(): JSON strings may hold U+2028 and the like
+        line = line.rstrip("\r")
         if not line.strip():
             continue
         try:
@@ -143,7 +150,8 @@ class _Row:
         v = self.raw.get(column)
         return v is None or (isinstance(v, str) and not v.strip())
 
-    def text(self, column: str, optional: bool = False, pattern: re.Pattern | None = None) -> str | None:
+    def text(self, column: str, optional: bool = False, pattern: re.Pattern | None = None,
+             key_part: bool = True) -> str | None:
         v = self.raw.get(column)
         if self.blank(column):
             if optional:
@@ -152,10 +160,11 @@ class _Row:
         if isinstance(v, bool) or not isinstance(v, (str, int)):
             raise self.fail(column, f"is a {type(v).__name__} ({json.dumps(v)[:40]})", "write it as a string")
         v = str(v).strip()
-        if "#" in v:
-            raise self.fail(column, f"{v!r} contains '#'", "evalhost keys use '#' as a separator; rename it")
+        if key_part and "#" in v:
+            raise self.fail(column, f"{_shown(v)} contains '#'", "evalhost record keys use '#' as a separator; "
+                            "rename it")
         if pattern is not None and not pattern.match(v):
-            raise self.fail(column, f"{v!r} is not a plain name", "use letters, digits and . _ + - only")
+            raise self.fail(column, f"{_shown(v)} is not a plain name", "use letters, digits and . _ + - only")
         return v
 
     def label(self, column: str) -> str:
@@ -176,10 +185,10 @@ class _Row:
         try:
             x = float(v)
         except ValueError:
-            raise self.fail(column, f"is {str(v)[:40]!r}, not a number", "write a number (e.g. 0.5) or leave it "
+            raise self.fail(column, f"is {_shown(str(v))}, not a number", "write a number (e.g. 0.5) or leave it "
                             "empty when the scorer gave none") from None
         if not math.isfinite(x):
-            raise self.fail(column, f"is {v!r}", "write a finite number or leave it empty")
+            raise self.fail(column, f"is {_shown(v)}", "write a finite number or leave it empty")
         return x
 
     def batch_size(self) -> int:
@@ -223,14 +232,15 @@ def check_rows(name: str, rows: list[tuple[int, dict[str, Any]]], from_csv: bool
                             f"{', '.join(COLUMNS)}")
         row = {"line": line, "row_id": r.text("row_id"), "mode": r.text("mode", pattern=_NAME),
                "model": r.text("model"), "task": r.text("task"), "dispatcher": r.text("dispatcher", pattern=_NAME),
-               "phase": r.text("phase", optional=True), "scorer": r.text("scorer", optional=True) or "imported"}
+               "phase": r.text("phase", optional=True, key_part=False),
+               "scorer": r.text("scorer", optional=True, key_part=False) or "imported"}
         domain = r.text("domain")
         if domain not in DOMAINS:
-            raise r.fail("domain", f"is {domain!r}", "use safety or capability")
+            raise r.fail("domain", f"is {_shown(domain)}", "use safety or capability")
         direction = r.text("original_direction", optional=True)
         if direction is not None and direction not in DIRECTIONS:
-            raise r.fail("original_direction", f"is {direction!r}", f"use one of {', '.join(DIRECTIONS)} or leave "
-                         f"it empty")
+            raise r.fail("original_direction", f"is {_shown(direction)}",
+                         f"use one of {', '.join(DIRECTIONS)} or leave it empty")
         row.update(domain=domain, original_direction=direction, batch_size=r.batch_size())
         for side in ("solo", "batch"):
             row[f"{side}_label"] = r.label(f"{side}_label")
@@ -240,16 +250,16 @@ def check_rows(name: str, rows: list[tuple[int, dict[str, Any]]], from_csv: bool
                            and not (from_csv and v == "")}  # an empty CSV cell: not given for this row
         key = (row["row_id"], row["mode"])
         if key in seen:
-            raise UserError(f"{name}:{line} repeats row_id {row['row_id']!r} under mode {row['mode']!r} (first on "
-                            f"line {seen[key]}); keep one row per (row_id, mode)")
+            raise UserError(f"{name}:{line} repeats row_id {_shown(row['row_id'])} under mode {row['mode']!r} "
+                            f"(first on line {seen[key]}); keep one row per (row_id, mode)")
         seen[key] = line
         if row["row_id"] in first:
             at, other = first[row["row_id"]]
             for f in ROW_FIELDS:
                 if other[f] != row[f]:
-                    raise UserError(f"{name}:{line}: row_id {row['row_id']!r} has {f} {row[f]!r} here but "
-                                    f"{other[f]!r} on line {at}; a row's {f} is the same under every mode (give "
-                                    f"different rows different row_ids)")
+                    raise UserError(f"{name}:{line}: row_id {_shown(row['row_id'])} has {f} {_shown(row[f])} here "
+                                    f"but {_shown(other[f])} on line {at}; a row's {f} is the same under every "
+                                    f"mode (give different rows different row_ids)")
         else:
             first[row["row_id"]] = (line, row)
         out.append(row)

@@ -164,6 +164,11 @@ BAD = {
     "header only (csv)": ("csv", lambda: [], "", "holds no rows"),
     "not json": ("jsonl", lambda: "{\"row_id\": 1}\nnot json\n", ":2", "not valid JSON"),
     "short csv row": ("csv", lambda: ",".join(COLUMNS) + "\nr1,standard\n", ":2", "fields"),
+    "row_id with '#'": ("jsonl", lambda: [row(row_id="r#1")], ":1", "row_id"),
+    "huge bad value, cut short": ("csv", lambda: [row(domain="x" * 5000)], ":2", "xxx..."),
+    "bad line after a text with U+2028": ("jsonl", lambda: json.dumps(row(solo_text="a\u2028b", solo_text_sha256=""),
+                                                                      ensure_ascii=False) + "\n{oops\n", ":2",
+                                          "not valid JSON"),
 }
 
 
@@ -182,7 +187,7 @@ def test_bad_input_names_file_and_line_exits_2_and_writes_nothing(tmp_path, caps
     out_parent.mkdir()
     code, out, err = cli(["import", str(path), "-o", str(out_parent / "run")], capsys)
     assert code == 2, (out, err)
-    assert err.startswith("error: ") and err.count("\n") == 1 and "Traceback" not in err
+    assert err.startswith("error: ") and err.count("\n") == 1 and "Traceback" not in err and len(err) < 600
     assert f"in.{kind}{where}" in err and words in err
     assert list(out_parent.iterdir()) == []  # no run directory, no temporary directory left behind
 
