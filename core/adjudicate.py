@@ -38,19 +38,20 @@ _KEYS = {"g": "genuine", "a": "artifact", "s": "skip", "q": "quit"}
 
 # -- reading -----------------------------------------------------------------------------------------------------
 def _read_jsonl(path: Path) -> list[dict[str, Any]]:
-    """Rows of a JSONL file (adjudications); an unparseable *last* line (torn write) is ignored."""
-    lines = path.read_text(encoding="utf-8").splitlines()
+    """Rows of a JSONL file of the run directory (adjudications), read without following links and with
+    evalhost.records' line bound; an unparseable *last* line without its newline (torn write) is ignored."""
+    from .records import _lines
+
     rows: list[dict[str, Any]] = []
-    last = max((i for i, line in enumerate(lines) if line.strip()), default=-1)
-    for i, line in enumerate(lines):
-        if not line.strip():
+    for number, raw, ended in _lines(path):
+        if not raw.strip():
             continue
         try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            if i == last:
+            row = json.loads(raw)
+        except (ValueError, RecursionError):
+            if not ended:
                 break
-            raise UserError(f"{path}:{i + 1} is not valid JSON; repair or remove that line") from None
+            raise UserError(f"{path}:{number} is not valid JSON; repair or remove that line") from None
         if isinstance(row, dict):
             rows.append(row)
     return rows
@@ -59,7 +60,7 @@ def _read_jsonl(path: Path) -> list[dict[str, Any]]:
 def _read_records(run_dir: Path) -> list[dict[str, Any]]:
     from .records import find_records, read_records
 
-    return list(read_records(find_records(run_dir)))
+    return read_records(find_records(run_dir), checked=True)  # a hand-edited record of the wrong shape: UserError
 
 
 def find_flips(records: list[dict[str, Any]]) -> list[tuple[dict[str, Any], dict[str, Any]]]:
@@ -79,9 +80,11 @@ def find_flips(records: list[dict[str, Any]]) -> list[tuple[dict[str, Any], dict
 
 
 def _read_adjudication_rows(run_dir: Path) -> list[dict[str, Any]]:
-    path = Path(run_dir) / ADJUDICATIONS
-    if not path.is_file():
+    from .rundir import RunDir
+
+    if not RunDir(run_dir).exists(ADJUDICATIONS):  # a link there is refused with one sentence
         return []
+    path = Path(run_dir) / ADJUDICATIONS
     return [r for r in _read_jsonl(path) if isinstance(r.get("key"), str) and r.get("verdict") in VERDICTS]
 
 
@@ -94,10 +97,11 @@ def load_adjudications(run_dir: str | os.PathLike[str]) -> dict[str, str]:
 
 
 def _append(run_dir: Path, key: str, verdict: str, note: str = "") -> None:
+    from .rundir import RunDir
+
     row = {"key": key, "verdict": verdict, "note": note, "ts": time.time()}
-    with open(run_dir / ADJUDICATIONS, "a", encoding="utf-8") as fh:
-        fh.write(json.dumps(row, ensure_ascii=False) + "\n")
-        fh.flush()
+    with RunDir(run_dir).open_append(ADJUDICATIONS) as fh:  # O_APPEND | O_NOFOLLOW: never through a link
+        fh.write((json.dumps(row, ensure_ascii=False) + "\n").encode("utf-8"))
         os.fsync(fh.fileno())
 
 
@@ -210,11 +214,18 @@ def import_verdicts(run_dir: Path, path: Path, flip_keys: set[str], batch_keys: 
 @click.pass_context
 def adjudicate(ctx: click.Context, run_dir: Path, import_file: Path | None, redo_skipped: bool) -> None:
     """Walk the solo/batch label flips of RUN_DIR and record genuine / artifact verdicts (resumable)."""
+    import sys
+
+    from .rundir import RunDir
+
     try:
-        _adjudicate(run_dir, import_file, redo_skipped)
+        with RunDir(run_dir).require().lock(purpose="adjudicate"):  # one writer per run directory
+            _adjudicate(run_dir, import_file, redo_skipped)
     except UserError as exc:
-        click.echo(f"Error: {exc}", err=True)
-        ctx.exit(exc.exit_code)
+        from .cli import one_line
+
+        click.echo(f"Error: {one_line(str(exc))}", err=True)
+        sys.exit(exc.exit_code)  # not ctx.exit: under evalhost.cli.main (standalone_mode=False) that exited 0
 
 
 def _adjudicate(run_dir: Path, import_file: Path | None, redo_skipped: bool) -> None:

@@ -107,15 +107,15 @@ def validate(run_dir, as_json):
 
     result = validate_run(run_dir)
     if as_json:
-        click.echo(json.dumps(result, indent=2))
-    else:
-        click.echo(f"{result['records']} records ({result.get('solo', 0)} solo, {result.get('batch', 0)} batch) in "
-                   f"{result.get('cells', 0)} cells; run status: {result.get('status')}")
+        click.echo(json.dumps(result, indent=2, default=str))
+    else:  # messages quote keys and values from the records: control characters are escaped, never sent raw
+        click.echo(one_line(f"{result['records']} records ({result.get('solo', 0)} solo, {result.get('batch', 0)} "
+                            f"batch) in {result.get('cells', 0)} cells; run status: {result.get('status')}"))
         for w in result.get("warnings", []):
-            click.echo(f"warning: {w}")
+            click.echo(f"warning: {one_line(w)}")
         for e in result["errors"]:
-            click.echo(f"error: {e}")
-        click.echo("ok" if not result["errors"] else f"{len(result['errors'])} error(s)")
+            click.echo(f"error: {one_line(e)}")
+        click.echo("ok" if not result["errors"] else f"{result.get('error_count', len(result['errors']))} error(s)")
     if result["errors"]:
         sys.exit(1)
 

@@ -246,6 +246,27 @@ class RunDir:
             self._refuse(name, "link" if stat.S_ISLNK(st.st_mode) else "other")
             raise
 
+    def move_in(self, src: str | os.PathLike[str], name: str, subdir: str | None = None) -> Path:
+        """Rename the file ``src`` (made in a private temp directory inside this one, e.g. a plot) to ``name``
+        (in ``subdir``); a link or non-file already at ``name`` is refused, never written through."""
+        dfd = self._dir_fd()
+        try:
+            if subdir is not None:
+                sub = self._subdir_fd(subdir, dfd)
+                os.close(dfd)
+                dfd = sub
+            try:
+                st = os.lstat(name, dir_fd=dfd)
+            except FileNotFoundError:
+                st = None
+            if st is not None and not stat.S_ISREG(st.st_mode):
+                self._refuse(f"{subdir}/{name}" if subdir else name,
+                             "link" if stat.S_ISLNK(st.st_mode) else "dir" if stat.S_ISDIR(st.st_mode) else "other")
+            os.replace(src, name, dst_dir_fd=dfd)
+        finally:
+            os.close(dfd)
+        return self.path / subdir / name if subdir else self.path / name
+
     def subdir(self, name: str = PLOTS) -> Path:
         """Make ``name`` (a real directory, not a link) inside the run directory and return its path."""
         dfd = self._dir_fd()
