@@ -166,6 +166,31 @@ def import_(file, run_dir, flip_on, study_name, no_report):
 
 
 @cli.command()
+@click.argument("run_dir", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--scorer", default=None, help="Score every record with this scorer (default: each task's own).")
+def rescore(run_dir, scorer):
+    """Score RUN_DIR's stored outputs again (no generation) and rewrite the report.
+
+    \b
+    For a fixed scorer, or records with a scorer_error. The labels it replaces are kept: one line per rescore
+    in RUN_DIR/rescore-history.jsonl (each changed record's key, old and new label/score/rationale/scorer_error),
+    written before the new records file replaces the old one by rename (records.jsonl, or records.jsonl.gz when
+    archived; never edited in place). Holds the run directory's lock; safe against kill -9 (run it again).
+    """
+    from .rescore import HISTORY, rescore_run
+
+    result = rescore_run(run_dir, scorer=scorer)
+    now = f", {result['scorer_errors']} scorer error(s) now" if result["scorer_errors"] else ""
+    if result["changed"]:
+        click.echo(f"rescored {result['records']} records: {result['changed']} changed "
+                   f"({result['scorer_errors_before']} had a scorer error{now}); old values in {run_dir / HISTORY}")
+    else:
+        click.echo(f"rescored {result['records']} records: nothing changed{now}")
+    if result["report"]:
+        click.echo(f"report: {result['report']}")
+
+
+@cli.command()
 @click.option("--url", default=None, help="A running OpenAI-compatible server (vLLM, SGLang, ...), e.g. "
               "http://127.0.0.1:8000.")
 @click.option("--config", "config", type=click.Path(dir_okay=False, path_type=Path), default=None,

@@ -151,6 +151,7 @@ def test_a_scorer_that_raises_on_one_item_fails_that_record_not_the_run(tmp_path
         assert r["output_text"]  # the generation is kept
     assert all(r["label"] in ("refuse", "comply") and r["scorer_error"] is None for r in records if r not in bad)
     assert json.loads((run_dir / "manifest.json").read_text())["status"] == "complete"
+    assert validate_run(run_dir)["errors"] == []  # a scorer error is not a schema error
 
 
 # ------------------------------------------------------------------------------------------------ flip_on
