@@ -4,7 +4,8 @@ Studies B (cross-model), C (composition arms) and D (paired backend comparison).
 Reads record dicts only (see docs/architecture.md for the fields); imports no torch. Every rate is a
 ``{"k", "n", "rate", "lo", "hi"}`` dict with a Wilson 95% CI (:func:`evalhost.stats.proportion`).
 Pairing and record hygiene live in :mod:`evalhost.analysis_pairs`, Studies B and C in
-:mod:`evalhost.analysis_studies`; every public name is importable from here.
+:mod:`evalhost.analysis_studies`, Study D in :mod:`evalhost.analysis_study_d`; every public name is importable
+from here.
 
 Definitions
 -----------
@@ -40,10 +41,11 @@ unpaired_batch, ok_pairs, errors, scorer_errors, ...), ``flip_on``, ``headline``
 pairs, not_comparable, label_flips, substantive_flips, parse_failure_flips, text_changes, truncated_changes),
 ``overall``, ``breakdowns`` (rows with ``not_comparable``), ``directions``, ``label_pairs``, ``score_pairs``,
 ``first_divergence``, ``repeat_disagreement``, ``cells`` (rows with ``not_comparable``), ``invariance_grid``,
-``adjudication`` (when given).  Breakdown and cell rows count duplicates whose record has that value (the
-``direction`` breakdown, a pair property, has none).  Rate rows (overall, breakdowns) hold ``pairs``
-(comparable), ``pairs_formed``, ``label_flips``, ``substantive_flips``, ``parse_failure_flips``,
-``text_changes``, ``truncated_changes`` and ``not_comparable``.
+``adjudication`` (when given).  ``not_comparable.duplicate`` counts dropped duplicate records: all of them in
+``counts`` and ``overall``, those of the backend in the headline, those of the cell in a cell row, and the
+duplicate *batch* records with that value in a breakdown row (none for ``direction``, a pair property).
+Rate rows (overall, breakdowns) hold ``pairs`` (comparable), ``pairs_formed``, ``label_flips``,
+``substantive_flips``, ``parse_failure_flips``, ``text_changes``, ``truncated_changes`` and ``not_comparable``.
 
 Pair keys: the old ones plus ``comparable``, ``not_comparable``, ``flip``, ``label_flip``, ``score_flip``,
 ``flip_kind``, ``flip_on``, ``truncated``, ``original_direction``, ``candidate_kind``, ``scorer``,
