@@ -1,6 +1,7 @@
 """The ``evalhost`` command line. Heavy modules are imported inside commands so ``--help`` stays fast."""
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 from pathlib import Path
@@ -53,18 +54,47 @@ def run(study, dry_run, resume, executor, address, parallel, target_mde, baselin
             raise UserError(f"--parallel is an option of the local executor; the {executor} executor places "
                             f"backend configurations itself (drop --parallel)")
         opts["parallel"] = parallel
+    n = None if target_mde is None else _mde_items(target_mde, baseline)  # refused before anything runs
     run_file(study, resume=resume, executor=executor, executor_options=opts, dry_run=dry_run,
              progress=not quiet, report=not no_report, out=click.echo, limit=limit)
     if target_mde is not None:
-        from .stats import items_needed
-
-        try:
-            n = items_needed(target_mde, None if baseline is None else baseline / 100.0)
-        except ValueError as exc:
-            raise UserError(f"--target-mde/--baseline: {exc}")
         base = "the worst-case baseline (an upper bound)" if baseline is None else f"a {baseline:g}% baseline"
         click.echo(f"to detect a {target_mde:g} pp difference between two composition arms over {base} "
                    f"(80% power, alpha 0.05, two-sided) you need about {n} items per arm")
+
+
+MAX_MDE_ITEMS = 10 ** 7  # items per arm beyond which --target-mde is refused (no study runs that many)
+
+
+def _mde_items(target_mde: float, baseline: float | None) -> int:
+    """Items per arm for ``--target-mde`` (percentage points) over ``--baseline`` (percent); one UserError sentence
+    for values out of range or an effect so small that more than MAX_MDE_ITEMS items would be needed (the normal
+    approximation is checked first, so the exact search never runs for hours)."""
+    import math
+    from statistics import NormalDist
+
+    from .stats import cohens_h, items_needed
+
+    if not math.isfinite(target_mde) or not 0 < target_mde <= 100:
+        raise UserError(f"--target-mde {target_mde:g} is not a difference in percentage points between 0 and 100; "
+                        f"give e.g. --target-mde 5")
+    if baseline is not None and (not math.isfinite(baseline) or not 0 <= baseline < 100):
+        raise UserError(f"--baseline {baseline:g} is not a flip rate in percent in [0, 100); give e.g. --baseline 2")
+    p1 = 0.5 - target_mde / 200.0 if baseline is None else baseline / 100.0
+    p2 = p1 + target_mde / 100.0
+    if p2 > 1.0:
+        raise UserError(f"--baseline {baseline:g} plus --target-mde {target_mde:g} exceeds 100%; lower one of them")
+    h = abs(cohens_h(p1, p2))
+    z = NormalDist().inv_cdf(0.975) + NormalDist().inv_cdf(0.8)
+    approx = 2 * (z / h) ** 2 if h > 0 else math.inf
+    if approx > MAX_MDE_ITEMS:
+        shown = f"about {approx:.1e}" if math.isfinite(approx) else "infinitely many"
+        raise UserError(f"--target-mde {target_mde:g} would need {shown} items per arm, more than the "
+                        f"{MAX_MDE_ITEMS:.0e} this estimate supports; ask for a larger difference")
+    try:
+        return items_needed(target_mde, None if baseline is None else baseline / 100.0)
+    except ValueError as exc:
+        raise UserError(f"--target-mde/--baseline: {exc}") from None
 
 
 @cli.command()
@@ -127,17 +157,43 @@ def validate(run_dir, as_json):
 def candidates(run_dir, output, text_changes):
     """Export RUN_DIR's flip rows for a follow-up study (Study D reads them with source = "candidates:FILE")."""
     from .analysis import export_candidates
-    from .records import read_records
+    from .records import find_records, read_records
 
-    rows = export_candidates(read_records(run_dir))
+    folder = output.parent if str(output.parent) else Path(".")
+    if not folder.is_dir():
+        raise UserError(f"the folder of {str(output)[:120]!r} does not exist; create it first or write the candidates "
+                        f"file elsewhere")
+    if output.exists() or output.is_symlink():
+        raise UserError(f"{output} exists; choose another file name (candidate files are never overwritten)")
+    rows = export_candidates(read_records(find_records(run_dir), checked=True))  # a missing run: one sentence
     if not text_changes:
         rows = [r for r in rows if r.get("kind", "label_flip") == "label_flip"]
-    if output.exists():
-        raise UserError(f"{output} exists; choose another file name (candidate files are never overwritten)")
-    with output.open("w", encoding="utf-8") as fh:
-        for r in rows:
-            fh.write(json.dumps(r, sort_keys=True) + "\n")
+    _write_new_file(output, "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))
     click.echo(f"{len(rows)} candidate rows -> {output}")
+
+
+def _write_new_file(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` that must not exist: a temp file in the same folder, then a hard link to the name
+    (which fails instead of replacing anything created meanwhile). A problem is one UserError sentence."""
+    import os
+    import tempfile
+
+    tmp = None
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name[:40]}.", suffix=".tmp", dir=path.parent or ".")
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.link(tmp, path)
+    except FileExistsError:
+        raise UserError(f"{path} exists; choose another file name (candidate files are never overwritten)") from None
+    except OSError as exc:
+        raise UserError(f"cannot write {str(path)[:120]!r} ({exc.strerror}); choose a folder you may write to") from None
+    finally:
+        if tmp is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
 
 
 @cli.command("import")

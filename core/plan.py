@@ -164,12 +164,55 @@ def _scorer_for(task: TaskSpec, items: list[TaskItem], registry: Registry) -> No
         registry.get("scorer", n)
 
 
+MAX_CELLS = 20_000
+MAX_PROMPTS = 1_000_000  # prompts one plan sends: targets plus the fillers that pad a short last group
+
+
+def plan_size(study: Study, tasks: dict[str, list[TaskItem]], registry: Registry) -> tuple[int, int]:
+    """(cells, prompts) the plan will have, counted from the study without building a single job."""
+    per_config_cells = per_config_prompts = 0
+    for task in study.tasks:
+        items = tasks[task.name]
+        n = len(items)
+        per_config_cells += 1
+        per_config_prompts += study.solo_repeats * n
+        explicit = [it for it in items if it.metadata.get("group_members")]
+        for disp in study.dispatchers:
+            if explicit:
+                sizes = {len(it.metadata["group_members"]) for it in explicit}
+                per_config_cells += len(sizes)
+                per_config_prompts += study.repeats * sum(len(it.metadata["group_members"]) for it in explicit)
+                continue
+            sizer = getattr(registry.get("dispatcher", disp.plugin), "group_size_for", None)
+            fixed = int(sizer(disp.options)) if sizer else None
+            for bs in disp.batch_sizes:
+                size = max(1, fixed or bs)
+                per_config_cells += 1
+                per_config_prompts += study.repeats * -(-n // size) * size
+    configs = len(study.models) * len(study.backends)
+    return configs * per_config_cells, configs * per_config_prompts
+
+
+def check_size(study: Study, tasks: dict[str, list[TaskItem]], registry: Registry) -> None:
+    """Refuse, before expanding it, a plan beyond :data:`MAX_CELLS` cells or :data:`MAX_PROMPTS` prompts."""
+    cells, prompts = plan_size(study, tasks, registry)
+    configs = len(study.models) * len(study.backends)
+    if cells > MAX_CELLS:
+        raise UserError(f"the study would make {cells:,} cells ({configs} model/backend configurations), more than "
+                        f"the limit of {MAX_CELLS:,}; use fewer batch sizes, dispatchers, tasks or configurations, or "
+                        f"split the study")
+    if prompts > MAX_PROMPTS:
+        raise UserError(f"the study would send {prompts:,} prompts ({configs} model/backend configurations), more "
+                        f"than the limit of {MAX_PROMPTS:,} per run; lower repeats, limit the tasks or split the study")
+
+
 def build_plan(study: Study, registry: Registry) -> Plan:
     _check_plugins(study, registry)
     base = study.path.parent if study.path else None
     tasks = {t.name: load_task(t, registry, base) for t in study.tasks}
     for t in study.tasks:
         _scorer_for(t, tasks[t.name], registry)
+    check_size(study, tasks, registry)
     works = []
     for model in study.models:
         for backend in study.backends:

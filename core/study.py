@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import difflib
 import itertools
+import math
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,6 +35,33 @@ _maxtok = lambda v: None if 1 <= v <= MAX_TOKENS else f"must be between 1 and {M
 _repeats = lambda v: _pos(v) or (None if v <= MAX_REPEATS else f"must be at most {MAX_REPEATS}")  # noqa: E731
 _nonempty = lambda v: None if v.strip() else "must not be empty"  # noqa: E731
 
+MAX_NAME = 100
+NAME_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._-")
+MAX_DEPTH = 32  # tables/arrays nested in a study file; real studies use 3 or 4
+MAX_BACKEND_CONFIGS = 256  # backend configurations of a study, all [backends.matrix] products together
+# output_dir may not be one of these system directories or lie inside one (root could write there)
+SYSTEM_TREES = ("/bin", "/boot", "/dev", "/etc", "/lib", "/lib32", "/lib64", "/libx32", "/proc", "/run", "/sbin",
+                "/sys", "/usr", "/var/cache", "/var/lib", "/var/lock", "/var/log", "/var/mail", "/var/run",
+                "/var/spool")
+SYSTEM_ROOTS = ("/", "/home", "/media", "/mnt", "/opt", "/srv", "/var")  # themselves only (not what is below)
+
+
+def _study_name(v: str) -> str | None:
+    """The run directory is ``output_dir/NAME-TIMESTAMP``: the name must be one harmless path component."""
+    if not v or len(v) > MAX_NAME:
+        return f"must be 1 to {MAX_NAME} characters long (it names the run directory)"
+    if v in (".", ".."):
+        return "must not be '.' or '..' (it names the run directory); e.g. \"my_study\""
+    if not set(v) <= NAME_CHARS:
+        return "may only use letters, digits, '.', '_' and '-' (it names the run directory); e.g. \"my_study\""
+    return None
+
+
+def _shown(value: Any, n: int = 60) -> str:
+    """``repr(value)`` cut to about ``n`` characters (an error sentence stays one short line)."""
+    text = repr(value)
+    return text if len(text) <= n else text[: n - 5] + "...'" + f" ({len(str(value))} characters)"
+
 
 def _enum(*allowed):
     return lambda v: None if v in allowed else f"must be one of {', '.join(allowed)}"
@@ -50,7 +78,7 @@ def _batch_sizes(v):
 
 SCHEMA: dict[str, dict[str, tuple]] = {
     "study": {
-        "name": (str, True, _nonempty),
+        "name": (str, True, _study_name),
         "seed": (int, False, None),
         "output_dir": (str, False, _nonempty),
         "description": (str, False, None),
@@ -178,11 +206,12 @@ def _check_table(table: Any, schema: dict[str, tuple], where: str, path: Path | 
         if typ is list and isinstance(value, list):
             ok = True
         if not ok:
-            raise _fail(path, f"'{where}.{key}' must be {_typename(typ)}, got {type(value).__name__} {value!r}")
+            raise _fail(path, f"'{where}.{key}' must be {_typename(typ)}, got {type(value).__name__} "
+                              f"{_shown(value)}")
         if check is not None:
             problem = check(value)
             if problem:
-                raise _fail(path, f"'{where}.{key}' {problem} (got {value!r})")
+                raise _fail(path, f"'{where}.{key}' {problem} (got {_shown(value)})")
 
 
 def _unique(names: list[str], what: str, path: Path | None) -> None:
@@ -202,6 +231,10 @@ def _expand_matrix(label: str, plugin: str, options: dict, matrix: dict, where: 
             raise _fail(path, f"'{where}.matrix.{k}' must be a non-empty list of option values")
         if k in options:
             raise _fail(path, f"'{k}' is set both in '{where}.options' and '{where}.matrix'; keep one")
+    n = math.prod(len(matrix[k]) for k in keys)  # counted before anything is expanded
+    if n > MAX_BACKEND_CONFIGS:
+        raise _fail(path, f"'{where}.matrix' makes {n} backend configurations ({len(keys)} axes), more than the "
+                          f"limit of {MAX_BACKEND_CONFIGS}; drop axes or values, or split the study")
     out = []
     for values in itertools.product(*(matrix[k] for k in keys)):
         axes = dict(zip(keys, values))
@@ -210,12 +243,29 @@ def _expand_matrix(label: str, plugin: str, options: dict, matrix: dict, where: 
     return out
 
 
+def _depth(data: Any) -> int:
+    """How deeply tables and arrays nest (without recursion: the input may be thousands of levels deep)."""
+    deepest, stack = 0, [(data, 1)]
+    while stack:
+        node, level = stack.pop()
+        deepest = max(deepest, level)
+        if level > MAX_DEPTH:
+            break
+        children = node.values() if isinstance(node, dict) else node
+        stack += [(c, level + 1) for c in children if isinstance(c, (dict, list))]
+    return deepest
+
+
 def parse_study(text: str, path: Path | None = None) -> Study:
     """Validate TOML text and build a :class:`Study`; raises UserError with one sentence on any problem."""
     try:
         data = tomllib.loads(text)
+    except RecursionError:
+        raise _fail(path, f"nests tables or arrays too deeply to read; use at most {MAX_DEPTH} levels") from None
     except tomllib.TOMLDecodeError as exc:
         raise _fail(path, f"is not valid TOML ({exc}); fix the syntax at that line")
+    if _depth(data) > MAX_DEPTH:
+        raise _fail(path, f"nests tables or arrays more than {MAX_DEPTH} levels deep; flatten the options")
     for key in data:
         if key not in TOP:
             hint = difflib.get_close_matches(key, list(TOP), n=1)
@@ -253,6 +303,9 @@ def parse_study(text: str, path: Path | None = None) -> Study:
     for i, b in enumerate(data["backends"]):
         backends += _expand_matrix(b.get("label", b["name"]), b["name"], dict(b.get("options", {})),
                                    dict(b.get("matrix", {})), f"backends[{i}]", path)
+        if len(backends) > MAX_BACKEND_CONFIGS:
+            raise _fail(path, f"'backends' make more than {MAX_BACKEND_CONFIGS} backend configurations; drop matrix "
+                              f"values or split the study")
     _unique([b.label for b in backends], "backends", path)
 
     dispatchers = []
@@ -288,4 +341,35 @@ def load_study(path: str | Path) -> Study:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError:
         raise UserError(f"{path} is not UTF-8 text; save the study file as UTF-8")
-    return parse_study(text, path)
+    study = parse_study(text, path)
+    check_output_dir(study.output_dir, f"{path}: 'study.output_dir'")
+    return study
+
+
+def check_output_dir(out: Path, what: str) -> None:
+    """The rule for ``output_dir`` (checked before anything is planned or written): it is a directory, or does not
+    exist yet below a directory we may write to; it is not ``/``, a top-level directory such as ``/home`` or
+    ``/var``, nor a system directory such as ``/etc`` or ``/usr`` (or anything inside one)."""
+    import os
+
+    try:
+        real = os.path.realpath(out)
+        system = real in SYSTEM_ROOTS or any(real == t or real.startswith(t + "/") for t in SYSTEM_TREES)
+        if system:
+            raise UserError(f"{what} {str(out)[:80]!r} is a system directory; write runs to a directory of your own, "
+                            f"e.g. output_dir = \"runs\"")
+        if out.exists() and not out.is_dir():
+            raise UserError(f"{what} {str(out)[:80]!r} is a file, not a directory; set it to a directory (default "
+                            f"\"runs\")")
+        existing = out
+        while not existing.exists() and existing.parent != existing:
+            existing = existing.parent
+        if not existing.is_dir():
+            raise UserError(f"{what} {str(out)[:80]!r} lies inside {str(existing)[:80]!r}, which is a file; set it "
+                            f"to a directory")
+        if not os.access(existing, os.W_OK | os.X_OK):
+            raise UserError(f"{what} {str(out)[:80]!r} cannot be written here ({str(existing)[:80]!r} is not "
+                            f"writable); set it to a directory you may write to")
+    except (OSError, ValueError) as exc:  # ValueError: a NUL byte in the path
+        why = exc.strerror if isinstance(exc, OSError) else "it holds a NUL byte"
+        raise UserError(f"{what} {str(out)[:80]!r} cannot be used ({why}); check the path") from None

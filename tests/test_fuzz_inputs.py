@@ -448,8 +448,9 @@ def test_the_unmutated_fuzz_bases_are_valid(world):
 
 
 def _tree_hash(root: Path) -> dict[str, str]:
+    # run.lock is the lock's own bookkeeping (the holder's PID and time, rewritten by whoever takes the lock)
     return {str(p.relative_to(root)): (hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "dir")
-            for p in sorted(root.rglob("*"))}
+            for p in sorted(root.rglob("*")) if p.name != "run.lock"}
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
@@ -552,3 +553,238 @@ def test_extra_args_check_matches_argparse_prefix_matching():
         except Exception:
             refused = True
         assert not sets or refused, f"{arg} sets host/port but passed the check"
+
+
+def _write_study(world, study: dict) -> Path:
+    path = scratch_file(world, ".toml")
+    path.write_text(to_toml(study), encoding="utf-8")
+    return path
+
+
+def _refused(world, argv: list[str], what: str, needle: str) -> str:
+    """``evalhost ARGV`` exits 2 with one 'error: ' line under 300 characters that contains ``needle``."""
+    code, out, err = run_cli(argv)
+    lines = [line for line in err.splitlines() if line not in _known_warnings()]
+    assert "Traceback" not in err + out, f"{what}: a traceback reached the user:\n{err}"
+    assert code == 2 and len(lines) == 1, f"{what}: exit {code}, stderr:\n{err}\nstdout:\n{out[-500:]}"
+    assert lines[0].startswith("error: ") and len(lines[0]) < 300, f"{what}: {lines[0]!r}"
+    assert needle in lines[0], f"{what}: {lines[0]!r} does not say {needle!r}"
+    return lines[0]
+
+
+NAMES = {
+    "a slash": ("a/b", "may only use letters"),
+    "a NUL byte": ("a\x00b", "may only use letters"),
+    "240 characters": ("x" * 240, "must be 1 to 100 characters"),
+    "dot dot": ("..", "must not be '.' or '..'"),
+    "a parent path": ("../../X", "may only use letters"),
+    "an absolute path": ("/tmp/evalhost-abs", "may only use letters"),
+    "a space": ("my study", "may only use letters"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(NAMES))
+def test_study_name_is_one_safe_path_component(world, case, tmp_path):
+    """A study name becomes the run directory's name: one component of [A-Za-z0-9._-], at most 100 characters.
+    Before, 'a/b' crashed with FileNotFoundError and '../../X' or '/abs' put the run outside output_dir. A real run
+    is refused before anything is created."""
+    name, needle = NAMES[case]
+    study = toy_base(world)
+    study["study"]["name"] = name
+    study["study"]["output_dir"] = str(tmp_path / "out" / "runs")
+    path = _write_study(world, study)
+    _refused(world, ["run", str(path), "--dry-run"], case, needle)
+    _refused(world, ["run", str(path), "--quiet", "--no-report"], case, needle)
+    assert not (tmp_path / "out").exists() and not list(tmp_path.parent.glob("X-*"))
+
+
+def test_study_name_at_the_limit_is_fine(world, tmp_path):
+    study = toy_base(world)
+    study["study"]["name"] = "A-z_0." + "n" * 94
+    study["study"]["output_dir"] = str(tmp_path)
+    code, out, err = run_cli(["run", str(_write_study(world, study)), "--quiet", "--no-report"])
+    assert code == 0, err
+    assert [p.name[:100] for p in tmp_path.iterdir()] == ["A-z_0." + "n" * 94]
+
+
+OUTPUT_DIRS = {
+    "a file": (lambda w: str(w["tasks"]), "is a file, not a directory"),
+    "inside a file": (lambda w: str(w["tasks"]) + "/runs", "which is a file"),
+    "/etc": (lambda w: "/etc", "is a system directory"),
+    "/": (lambda w: "/", "is a system directory"),
+    "below /usr": (lambda w: "/usr/lib/evalhost-runs", "is a system directory"),
+    "/var": (lambda w: "/var", "is a system directory"),
+    "/proc via ..": (lambda w: "/tmp/../proc/self", "is a system directory"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(OUTPUT_DIRS))
+def test_output_dir_must_be_a_directory_of_ours(world, case):
+    """output_dir is a directory (or will be made below one we may write to) and not a system directory; before,
+    '/etc' ran (as root it wrote there) and a file gave a traceback."""
+    make, needle = OUTPUT_DIRS[case]
+    study = toy_base(world)
+    study["study"]["output_dir"] = make(world)
+    path = _write_study(world, study)
+    _refused(world, ["run", str(path), "--dry-run"], case, needle)
+
+
+def test_deeply_nested_inline_tables_are_one_sentence(world):
+    backend = '[["backends"]]\n"name" = "toy"\n'
+    assert backend in to_toml(toy_base(world))
+    text = to_toml(toy_base(world)).replace(backend, backend + 'options = ' + "{a = " * 2000 + "1" + "}" * 2000 + "\n")
+    path = scratch_file(world, ".toml")
+    path.write_text(text)
+    _refused(world, ["run", str(path), "--dry-run"], "2000-deep inline tables", "too deeply")
+    shallow = to_toml(toy_base(world)).replace(backend, backend + 'options = ' + "{a = " * 40 + "1" + "}" * 40 + "\n")
+    path.write_text(shallow)
+    _refused(world, ["run", str(path), "--dry-run"], "40-deep inline tables", "more than 32 levels deep")
+
+
+def test_a_huge_matrix_is_refused_before_it_is_expanded(world):
+    """12 two-value axes are 4096 backend configurations: refused from the product of the axis lengths (before, the
+    dry run expanded them all); the limit and the count are in the sentence."""
+    study = toy_base(world)
+    study["backends"][0]["matrix"] = {f"axis{i}": [1, 2] for i in range(12)}
+    _refused(world, ["run", str(_write_study(world, study)), "--dry-run"], "12 axes", "4096 backend configurations")
+    study["backends"][0]["matrix"] = {f"axis{i}": list(range(10)) for i in range(40)}  # 10**40: never expanded
+    _refused(world, ["run", str(_write_study(world, study)), "--dry-run"], "40 axes", "more than the limit of 256")
+
+
+def test_a_plan_beyond_the_prompt_limit_is_refused_before_it_is_built(world, tmp_path):
+    from evalhost.plan import MAX_PROMPTS
+
+    tasks = write_tasks(tmp_path / "big.jsonl", 1000)
+    study = toy_base(world)
+    study["tasks"][0]["source"] = f"jsonl:{tasks}"
+    study["study"]["solo_repeats"] = 1000  # 1,000,000 solo prompts + the batches
+    _refused(world, ["run", str(_write_study(world, study)), "--dry-run"], "a million prompts",
+             f"more than the limit of {MAX_PROMPTS:,}")
+
+
+def test_plan_size_counts_what_build_plan_builds(world, tmp_path):
+    """The bound is computed without building the plan; it must equal what the plan then holds."""
+    from evalhost.plan import build_plan, plan_size
+    from evalhost.registry import get_registry
+    from evalhost.study import parse_study
+
+    tasks = write_tasks(tmp_path / "t.jsonl", 11)
+    study = toy_base(world)
+    study["tasks"][0]["source"] = f"jsonl:{tasks}"
+    study["study"].update(repeats=2, solo_repeats=3)
+    study["backends"][0]["matrix"] = {"flavour": ["a", "b"]}
+    study["dispatchers"] = [{"name": "prompt_list", "batch_sizes": [2, 4, 16]},
+                            {"name": "synchronized", "label": "sync", "batch_sizes": [3], "options": {}}]
+    s = parse_study(to_toml(study), tmp_path / "s.toml")
+    plan = build_plan(s, get_registry())
+    cells, prompts = plan_size(s, plan.tasks, get_registry())
+    assert cells == len(plan.cells())
+    assert prompts == sum(len(j.members) for j in plan.jobs)
+
+
+@pytest.mark.parametrize("mde, needle", [("1e-9", "items per arm, more than"), ("0", "between 0 and 100"),
+                                         ("nan", "between 0 and 100"), ("-3", "between 0 and 100")])
+def test_target_mde_out_of_range_is_refused_fast(world, mde, needle):
+    """--target-mde 1e-9 needs ~10^22 items: the exact search never finished (before, the dry run hung; here the
+    timer of run_cli turns a hang into a failure). It is refused from the normal approximation, before any run."""
+    path = _write_study(world, toy_base(world))
+    _refused(world, ["run", str(path), "--dry-run", "--target-mde", mde], f"--target-mde {mde}", needle)
+
+
+def _write_task_bytes(world, data: bytes, suffix=".jsonl") -> Path:
+    path = scratch_file(world, suffix)
+    path.write_bytes(data)
+    return path
+
+
+TASK_FILES = {
+    "a 5000-digit id": (b'{"id": ' + b"9" * 5000 + b', "prompt": "p", "domain": "safety"}\n', "number too long"),
+    "a 300-character id": (json.dumps({"id": "i" * 300, "prompt": "p", "domain": "safety"}).encode() + b"\n",
+                           "300 characters long"),
+    "a lone surrogate in the id": (b'{"id": "a\\ud800", "prompt": "p", "domain": "safety"}\n'
+                                   b'{"id": "b", "prompt": "p", "domain": "safety"}\n', "lone surrogate"),
+    "a lone surrogate in the prompt": (b'{"id": "a", "prompt": "p\\udfff", "domain": "safety"}\n', "lone surrogate"),
+    "arrays 5000 deep": (b'{"id": "a", "prompt": "p", "domain": "safety", "metadata": {"x": ' + b"[" * 5000
+                         + b"]" * 5000 + b"}}\n", "nesting too deep"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(TASK_FILES))
+def test_task_files_that_no_record_could_hold_are_refused_before_the_run_directory_exists(world, case, tmp_path):
+    data, needle = TASK_FILES[case]
+    study = toy_base(world)
+    study["tasks"][0]["source"] = f"jsonl:{_write_task_bytes(world, data)}"
+    study["study"]["output_dir"] = str(tmp_path / "runs")
+    path = _write_study(world, study)
+    message = _refused(world, ["run", str(path), "--quiet", "--no-report"], case, needle)
+    assert ".jsonl:1:" in message
+    assert not (tmp_path / "runs").exists() or not list((tmp_path / "runs").iterdir())
+
+
+def _candidate_row(world, **changes) -> dict:
+    row = {"task": "toyset", "task_source": f"jsonl:{world['toy_tasks']}", "item_id": "q000", "peers": ["q001", "q002"],
+           "position": 1, "dispatcher": "prompt_list", "batch_size": 3, "scorer": "toy_refusal", "group_id": "g1"}
+    row.update(changes)
+    return row
+
+
+CANDIDATE_ROWS = {
+    "position 'abc'": ({"position": "abc"}, "'position' is abc, not a place in its group"),
+    "position -5": ({"position": -5}, "'position' is -5"),
+    "position 10**9": ({"position": 10 ** 9}, "'position' is 1000000000"),
+    "position true": ({"position": True}, "'position' is True"),
+    "peers null": ({"peers": None}, "'peers' must be a list"),
+    "peers of objects": ({"peers": [{"id": 1}]}, "'peers' must be a list"),
+    "item_id a list": ({"item_id": ["q000"]}, "'item_id' must be"),
+    "batch_size 0": ({"batch_size": 0}, "'batch_size' must be"),
+    "a candidates task source": ({"task_source": "candidates:self.jsonl"}, "is itself a candidates file"),
+    "a label that is a list": ({"solo_label": ["refuse"]}, "'solo_label' must be a string"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CANDIDATE_ROWS) + ["a null row", "a 5000-digit number", "a surrogate"])
+def test_bad_candidates_rows_name_file_and_line(world, case):
+    """Before: 'abc' / null gave tracebacks, and a position of -5 or 10**9 silently dropped the row's batch cell."""
+    good = json.dumps(_candidate_row(world))
+    if case == "a null row":
+        bad, needle = "null", "is a JSON null, not an object"
+    elif case == "a 5000-digit number":
+        bad, needle = good.replace('"position": 1', '"position": ' + "1" * 5000), "is not JSON"
+    elif case == "a surrogate":
+        bad, needle = good.replace('"g1"', '"g\\ud800"'), "lone surrogate"
+    else:
+        changes, needle = CANDIDATE_ROWS[case]
+        bad = json.dumps(_candidate_row(world, **changes))
+    cands = _write_task_bytes(world, (good + "\n" + bad + "\n").encode())
+    study = toy_base(world)
+    study["tasks"][0]["source"] = f"candidates:{cands}"
+    message = _refused(world, ["run", str(_write_study(world, study)), "--dry-run"], case, needle)
+    assert f"{cands}:2" in message
+
+
+def test_a_valid_candidates_file_keeps_its_batch_cell(world):
+    rows = [_candidate_row(world, position=p, item_id=f"q00{p}", peers=[i for i in ["q000", "q001", "q002"]
+                                                                         if i != f"q00{p}"]) for p in range(3)]
+    cands = _write_task_bytes(world, "".join(json.dumps(r) + "\n" for r in rows).encode())
+    study = toy_base(world)
+    study["tasks"][0]["source"] = f"candidates:{cands}"
+    code, out, err = run_cli(["run", str(_write_study(world, study)), "--dry-run"])
+    assert code == 0, err
+    assert "toy-model/toy/toyset/prompt_list/bs3" in out and "toy-model/toy/toyset/solo/bs1" in out
+
+
+def test_candidates_command_refuses_missing_run_and_missing_folder(world, tmp_path):
+    """Before: `evalhost candidates /nonexistent` exited 0 (and wrote an empty file); `-o nodir/x` gave a
+    traceback. An existing output file is never overwritten."""
+    _refused(world, ["candidates", str(tmp_path / "nonexistent"), "-o", str(tmp_path / "c.jsonl")],
+             "missing run", "does not exist")
+    assert not (tmp_path / "c.jsonl").exists()
+    _refused(world, ["candidates", str(world["run_dir"]), "-o", str(tmp_path / "nodir" / "x")], "missing folder",
+             "does not exist")
+    taken = tmp_path / "taken.jsonl"
+    taken.write_text("keep\n")
+    _refused(world, ["candidates", str(world["run_dir"]), "-o", str(taken)], "existing output", "exists")
+    assert taken.read_text() == "keep\n"
+    code, out, err = run_cli(["candidates", str(world["run_dir"]), "-o", str(tmp_path / "ok.jsonl")])
+    assert code == 0 and "candidate rows" in out, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ok.jsonl", "taken.jsonl"]  # no temp file left

@@ -16,6 +16,52 @@ from evalhost.hookspecs import hookimpl
 from evalhost.types import TaskItem, TaskSource
 
 REQUIRED = ("task", "task_source", "item_id", "peers", "position", "dispatcher", "batch_size")
+MAX_GROUP = 4096  # members of one group (the study's largest batch size)
+REGENERATE = "regenerate the file with `evalhost candidates RUN_DIR -o FILE`"
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def check_row(row: Any, where: str) -> None:
+    """One UserError sentence (naming ``file:line``) for a row that cannot name a target in a group; a row that
+    would silently lose its batch cell (a position outside the group) is refused too."""
+    if not isinstance(row, dict):
+        raise UserError(f"{where} is a JSON {type(row).__name__ if row is not None else 'null'}, not an object; "
+                        f"{REGENERATE}")
+    missing = [k for k in REQUIRED if k not in row]
+    if missing:
+        raise UserError(f"{where} lacks '{missing[0]}'; {REGENERATE}")
+    for key in ("task", "task_source", "dispatcher"):
+        if not isinstance(row[key], str) or not row[key].strip():
+            raise UserError(f"{where}: '{key}' must be a non-empty string; {REGENERATE}")
+    if row["task_source"].strip().lower().startswith("candidates:"):
+        raise UserError(f"{where}: 'task_source' is itself a candidates file; name the original task set (e.g. "
+                        f"\"builtin:benign\"); {REGENERATE}")
+    item_id, peers, position = row["item_id"], row["peers"], row["position"]
+    if not (isinstance(item_id, str) or _is_int(item_id)) or not str(item_id).strip():
+        raise UserError(f"{where}: 'item_id' must be a non-empty string; {REGENERATE}")
+    if not isinstance(peers, list) or not all(isinstance(i, str) or _is_int(i) for i in peers):
+        raise UserError(f"{where}: 'peers' must be a list of item ids; {REGENERATE}")
+    if len(peers) >= MAX_GROUP:
+        raise UserError(f"{where}: 'peers' lists {len(peers)} items, more than a group of {MAX_GROUP} holds; "
+                        f"{REGENERATE}")
+    if not _is_int(position) or not 0 <= position <= len(peers):
+        shown = str(position)[:20]
+        raise UserError(f"{where}: 'position' is {shown}, not a place in its group of {len(peers) + 1} (0 to "
+                        f"{len(peers)}); {REGENERATE}")
+    if not _is_int(row["batch_size"]) or not 1 <= row["batch_size"] <= MAX_GROUP:
+        raise UserError(f"{where}: 'batch_size' must be an integer from 1 to {MAX_GROUP}; {REGENERATE}")
+    for key in ("group_id", "scorer", "solo_label", "batch_label", "direction", "original_direction", "domain",
+                "kind", "phase"):
+        if row.get(key) is not None and not isinstance(row[key], str):
+            raise UserError(f"{where}: '{key}' must be a string or null; {REGENERATE}")
+    try:
+        json.dumps(row, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        raise UserError(f"{where} holds a lone surrogate escape (e.g. \\ud800), which is not text; "
+                        f"{REGENERATE}") from None
 
 
 class CandidatesSource(TaskSource):
@@ -28,16 +74,20 @@ class CandidatesSource(TaskSource):
         if not path.is_file():
             raise UserError(f"candidates file {path} does not exist; make it with `evalhost candidates RUN_DIR -o FILE`")
         rows = []
-        for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            raise UserError(f"candidates file {path} is not UTF-8 text; {REGENERATE}") from None
+        except OSError as exc:
+            raise UserError(f"candidates file {path} cannot be read ({exc.strerror}); check the path") from None
+        for n, line in enumerate(text.splitlines(), 1):
             if not line.strip():
                 continue
             try:
                 row = json.loads(line)
-            except json.JSONDecodeError:
-                raise UserError(f"{path}:{n} is not JSON; regenerate the file with `evalhost candidates`")
-            missing = [k for k in REQUIRED if k not in row]
-            if missing:
-                raise UserError(f"{path}:{n} lacks '{missing[0]}'; regenerate the file with `evalhost candidates`")
+            except (ValueError, RecursionError):  # not JSON, a 5000-digit number, nesting thousands deep
+                raise UserError(f"{path}:{n} is not JSON; regenerate the file with `evalhost candidates`") from None
+            check_row(row, f"{path}:{n}")
             rows.append(row)
         sources: dict[tuple[str, str], dict[str, TaskItem]] = {}
         out = []
@@ -47,13 +97,13 @@ class CandidatesSource(TaskSource):
                 spec = TaskSpec(name=row["task"], source=row["task_source"], scorer=row.get("scorer"))
                 sources[key] = {it.id: it for it in load_task(spec, get_registry(), path.parent)}
             items = sources[key]
-            ids = list(row["peers"])
-            ids.insert(int(row["position"]), row["item_id"])
+            ids = [str(i) for i in row["peers"]]  # item ids are strings (a JSON number is read as its text)
+            ids.insert(row["position"], str(row["item_id"]))
             missing = [i for i in ids if i not in items]
             if missing:
-                raise UserError(f"candidate {row['item_id']} names item '{missing[0]}', which task '{row['task']}' "
-                                f"({row['task_source']}) does not have; use the same task files as the original run")
-            target = items[row["item_id"]]
+                raise UserError(f"candidate {str(row['item_id'])[:60]} names item '{missing[0][:60]}', which task "
+                                f"'{row['task'][:60]}' does not have; use the same task files as the original run")
+            target = items[str(row["item_id"])]
             cid = f"{row['item_id']}@{row['dispatcher']}/bs{row['batch_size']}/{row.get('group_id', '')}"
             members = tuple(items[i] for i in ids)
             out.append(replace(target, id=cid, scorer=target.scorer or row.get("scorer"), metadata={

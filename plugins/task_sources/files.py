@@ -31,6 +31,7 @@ from evalhost.types import DOMAINS, TaskItem, TaskSource
 FIELDS = ("id", "prompt", "messages", "domain", "choices", "answer", "targets", "scorer", "metadata")
 TARGET_KEYS = ("stereotyped", "anti_stereotyped", "unknown")
 OPTION_KEYS = ("task", "domain", "scorer")
+MAX_ID = 200  # characters of an item id (it is part of every record key)
 
 
 def _fail(where: str, problem: str, fix: str) -> UserError:
@@ -55,6 +56,7 @@ def item_from_dict(
     """Validate one raw item (``where`` is ``file:line`` for messages) and build a :class:`TaskItem`."""
     if not isinstance(raw, dict):
         raise _fail(where, f"the line is a JSON {type(raw).__name__}, not an object", "write one JSON object per line")
+    _check_text(raw, where)
     unknown = [k for k in raw if k not in FIELDS]
     if unknown:
         hint = difflib.get_close_matches(unknown[0], FIELDS, n=1)
@@ -65,6 +67,8 @@ def item_from_dict(
         raise _fail(where, "the item has no 'id'", 'add a unique "id" string')
     if not isinstance(item_id, (str, int)) or isinstance(item_id, bool):
         raise _fail(where, "'id' is not a string", 'write "id" as a string such as "item-001"')
+    if len(str(item_id)) > MAX_ID:
+        raise _fail(where, f"the item id is {len(str(item_id))} characters long", f"use at most {MAX_ID}")
     prompt, messages = raw.get("prompt"), raw.get("messages")
     if prompt is None and messages is None:
         raise _fail(where, f"item '{item_id}' has neither 'prompt' nor 'messages'", 'add a "prompt" string')
@@ -133,6 +137,20 @@ def item_from_dict(
     )
 
 
+def _check_text(raw: Any, where: str) -> None:
+    """Every string of an item must be storable as UTF-8: a JSON escape of half a surrogate pair (``"\\ud800"``)
+    decodes to a string no record can hold; refuse it here, before any run directory exists."""
+    try:
+        json.dumps(raw, ensure_ascii=False, default=str).encode("utf-8")
+    except UnicodeEncodeError as exc:
+        bad = exc.object[exc.start:exc.end].encode("utf-8", "backslashreplace").decode("ascii")
+        raise _fail(where, f"the item holds a lone surrogate escape ({bad}), which is not text",
+                    "write the character itself or a complete surrogate pair") from None
+    except (ValueError, TypeError, RecursionError):  # a huge integer, a key no JSON holds, nesting too deep
+        raise _fail(where, "the item holds a value no record can store (an integer of thousands of digits or "
+                           "nesting thousands deep)", "shorten it") from None
+
+
 def _unique(items: list[TaskItem], wheres: list[str]) -> list[TaskItem]:
     seen: dict[str, str] = {}
     for item, where in zip(items, wheres):
@@ -162,6 +180,9 @@ def parse_jsonl(text: str, name: str, options: dict[str, Any]) -> list[TaskItem]
         except json.JSONDecodeError as exc:
             raise _fail(where, f"the line is not valid JSON ({exc.msg} at column {exc.colno})",
                         "fix it so the line is one JSON object") from None
+        except (ValueError, RecursionError):  # an integer of more than 4300 digits, or arrays thousands deep
+            raise _fail(where, "the line holds a number too long or nesting too deep to read",
+                        "shorten it (ids are strings such as \"item-001\")") from None
         items.append(item_from_dict(raw, where, task, domain, scorer))
         wheres.append(where)
     if not items:
@@ -208,7 +229,7 @@ def parse_csv(text: str, name: str, options: dict[str, Any]) -> list[TaskItem]:
             elif column == "metadata":
                 try:
                     parsed = json.loads(cell)
-                except json.JSONDecodeError:
+                except (ValueError, RecursionError):  # JSONDecodeError, or a number/nesting too big to read
                     raise _fail(where, "the metadata cell is not valid JSON", 'write it as {"key": "value"}') from None
                 if isinstance(parsed, dict):
                     metadata.update(parsed)

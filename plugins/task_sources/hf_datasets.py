@@ -117,13 +117,13 @@ def _answer_index(value: Any, choices: list[str] | None, where: str) -> int | No
                 return i
         return None
     text = str(value).strip()
-    if len(text) == 1 and text.isalpha():
+    if len(text) == 1 and text.isascii() and text.isalpha():  # "ß".upper() is two letters: ASCII only
         return ord(text.upper()) - ord("A")
-    if text.isdigit():
+    if text.isascii() and text.isdigit() and len(text) <= 9:  # "²".isdigit() is true, int("²") fails
         return int(text)
     if choices and text in choices:
         return choices.index(text)
-    raise UserError(f"{where}: cannot read answer {text!r} as an index, letter or choice text; fix 'fields.answer'")
+    raise UserError(f"{where}: cannot read answer {text[:60]!r} as an index, letter or choice text; fix 'fields.answer'")
 
 
 def _bbq_targets(row: dict[str, Any], n: int, where: str) -> dict[str, int]:
@@ -209,8 +209,9 @@ def rows_to_items(rows: Any, name: str, options: dict[str, Any]) -> list[TaskIte
             raw["targets"] = _get(row, fields["targets"], where)
         try:
             raw["prompt"] = template.format(context=context, question=question, options=options_text).strip()
-        except (KeyError, IndexError) as exc:
-            raise UserError(f"{name}: prompt_template uses {exc}; use only {{context}}, {{question}}, {{options}}") from None
+        except (KeyError, IndexError, AttributeError, ValueError) as exc:  # {x}, {0}, {question.y}, a lone "{"
+            raise UserError(f"{name}: prompt_template cannot be filled ({type(exc).__name__}: {str(exc)[:60]}); use "
+                            f"only {{context}}, {{question}}, {{options}} (write {{{{ and }}}} for braces)") from None
         raw["metadata"] = metadata
         item = item_from_dict(raw, where, task, domain, scorer)
         if item.id in seen:
