@@ -117,19 +117,21 @@ def not_comparable_text(nc: Mapping[str, Any] | None) -> str:
 
 
 # -- nested dicts as tables ---------------------------------------------------------------------------------------
-def flatten(obj: Any, prefix: str = "") -> dict[str, str]:
+def flatten(obj: Any, prefix: str = "", lists: bool = False) -> dict[str, Any]:
     """``{"env": {"A": "1"}, "args": ["--x", "2"]}`` -> ``{"env.A": "1", "args": "--x 2"}``; lists of scalars are
-    joined with spaces, lists holding dicts are indexed."""
-    out: dict[str, str] = {}
+    joined with spaces (kept as lists of str with ``lists=True``), lists holding dicts are indexed."""
+    out: dict[str, Any] = {}
     if isinstance(obj, Mapping):
         if not obj and prefix:
             out[prefix] = "{}"
         for k in sorted(obj, key=str):
-            out.update(flatten(obj[k], f"{prefix}.{k}" if prefix else str(k)))
+            out.update(flatten(obj[k], f"{prefix}.{k}" if prefix else str(k), lists))
     elif isinstance(obj, (list, tuple)):
         if any(isinstance(v, (Mapping, list, tuple)) for v in obj):
             for i, v in enumerate(obj):
-                out.update(flatten(v, f"{prefix}[{i}]"))
+                out.update(flatten(v, f"{prefix}[{i}]", lists))
+        elif lists:
+            out[prefix or "value"] = ["—" if v is None else str(v) for v in obj]
         else:
             out[prefix or "value"] = " ".join("—" if v is None else str(v) for v in obj) if obj else "[]"
     else:
@@ -149,3 +151,25 @@ def differing_fields(objs: Mapping[str, Any]) -> tuple[list[str], dict[str, str]
         else:
             differ.append(f)
     return differ, shared
+
+
+def list_middles(values: Sequence[Any]) -> tuple[list[str], str] | None:
+    """For lists (e.g. server arguments) that differ: each list's differing middle, marked with '…' where a part
+    shared by all was left out, and that shared part as one string; None unless every value is a list."""
+    if not values or not all(isinstance(v, list) for v in values):
+        return None
+    pre = 0
+    while all(len(v) > pre for v in values) and len({v[pre] for v in values}) == 1:
+        pre += 1
+    suf = 0
+    while all(len(v) - pre > suf for v in values) and len({v[len(v) - 1 - suf] for v in values}) == 1:
+        suf += 1
+    if pre and pre < min(len(v) for v in values) and str(values[0][pre - 1]).startswith("-") and \
+            not str(values[0][pre]).startswith("-"):
+        pre -= 1  # keep a flag with the value that differs
+    if not pre and not suf:
+        return None
+    mids = [(["…"] if pre else []) + (v[pre:len(v) - suf] or ["(nothing)"]) + (["…"] if suf else [])
+            for v in values]
+    shared = " ".join(values[0][:pre]) + " … " + " ".join(values[0][len(values[0]) - suf:] if suf else [])
+    return [" ".join(m) for m in mids], shared.strip()

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from .report_format import differing_fields, flatten, not_comparable_text, table
+from .report_format import differing_fields, flatten, list_middles, not_comparable_text, table
 
 FLIP_ON_WORDS = {"label": "a change of label (solo label != batch label)",
                  "score": "a change of score (solo score != batch score, e.g. a partial 0.5 vs a full 1.0)"}
@@ -44,12 +44,22 @@ def fingerprints_section(fps: Mapping[str, Any], records: Sequence[Mapping[str, 
         return out
     differ, shared = differing_fields({n: fps[n] for n in names})
     flats = {n: flatten(fps[n]) for n in names}
-    rows = []
+    raw = {n: flatten(fps[n], lists=True) for n in names}
+    rows, around = [], []
     if used:
         rows.append(["used by (records)"] + [", ".join(sorted(used.get(n, ()))) or "—" for n in names])
-    rows += [[f] + [flats[n].get(f, "(absent)") for n in names] for f in differ]
+    for f in differ:
+        mid = list_middles([raw[n].get(f) for n in names])
+        if mid:
+            rows.append([f] + mid[0])
+            around.append(f"{f} = {mid[1]}")
+        else:
+            rows.append([f] + [flats[n].get(f, "(absent)") for n in names])
     out += [f"{len(names)} stack fingerprints; the fields that differ between them:", "",
             table(["Field"] + [f"`{n}`" for n in names], rows), ""]
+    if around:
+        out += ["Where '…' stands in a row above, the part left out is the same in every fingerprint: "
+                + "; ".join(f"`{a}`" for a in around) + ".", ""]
     out.append("Shared by all: " + ("; ".join(f"{f} = {_value(v, 120)}" for f, v in shared.items()) or "nothing")
                + ".")
     return out

@@ -61,17 +61,24 @@ def _breakdown(cmp: Mapping[str, Any], field: str, title: str) -> list[str]:
 def study_d(cmp: Mapping[str, Any], plot: str | None, detail: bool, flip_on: str = "label") -> str:
     a, b = cmp["a"], cmp["b"]
     unmatched = cmp.get("unmatched") or {}
-    flip_word = "score flip" if flip_on == "score" else "label flip"
+    flip_word = ("score changes (`flip_on = \"score\"`), as in the addendum" if flip_on == "score"
+                 else "label changes (`flip_on = \"label\"`)")
     out = [f"### {a} vs {b}", "",
            f"{cmp['rows']} candidate rows ran under both modes (matched by model, task, item, dispatcher, batch size, "
            f"peers, repeat)" + (f"; unmatched rows: {a}: {unmatched.get(a, 0)}, {b}: {unmatched.get(b, 0)}"
                                 if any(unmatched.values()) else "") + ". Each mode is a backend; Records counts its "
-           f"candidate rows, OK those comparable (no error, both labelled, same prompt). A label flip here is a "
-           f"{flip_word} (`flip_on = \"{flip_on}\"`).", "",
+           f"candidate rows, OK those comparable (no error, both labelled, same prompt). Label flips here are "
+           f"{flip_word}.", "",
            table(MODE_HEADERS, [mode_row(m) for m in cmp["modes"]])]
     nc = [(m["mode"], m.get("not_comparable")) for m in cmp["modes"] if any((m.get("not_comparable") or {}).values())]
     if nc:
         out += ["", "Not comparable: " + "; ".join(f"{name} {not_comparable_text(v)}" for name, v in nc) + "."]
+    if not detail:
+        for key, noun in (("label", "Label flips"), ("text", "Text changes")):
+            d = cmp[key]
+            out += ["", f"{noun}, paired: {d['both']} under both, {d['a_only']} only under {a}, {d['b_only']} only "
+                        f"under {b}, {d['neither']} under neither; exact two-sided McNemar p = {pval(d['p'])}."]
+        return "\n".join(out + (["", f"![{a} vs {b}]({plot})"] if plot else []))
     out += ["", "#### Primary label result", "", _result_table(cmp, "label_flips", "Label flips", "Non-flips"),
             "", "#### Primary paired test", ""] + _paired(cmp, "label", "flip", "non-flip", "label flips")
     out += ["", "#### Text-change result", "",
@@ -79,8 +86,6 @@ def study_d(cmp: Mapping[str, Any], plot: str | None, detail: bool, flip_on: str
             "Paired text changes:", ""] + _paired(cmp, "text", "text change", "text identical", "text changes")
     if plot:
         out += ["", f"![{a} vs {b}]({plot})"]
-    if not detail:
-        return "\n".join(out)
     for field, title in BREAKDOWNS:
         out += _breakdown(cmp, field, title)
     out += ["", "#### Score-pair distribution"]
@@ -97,7 +102,7 @@ def section(comparisons: list[Mapping[str, Any]], plots: Mapping[str, str], flip
     detail = len(comparisons) <= 3
     parts = ["## Study D: paired backend comparison\n\nThe same candidate rows under two backends (modes); each row's "
              "flip / text change is paired across the modes and tested with the exact McNemar test."
-             + ("" if detail else f" With {len(comparisons)} comparisons the breakdowns are left out; summary.json "
-                                  f"holds them.")]
+             + ("" if detail else f" With {len(comparisons)} comparisons each is shown in short (no per-mode result "
+                                  f"tables, breakdowns or score pairs); summary.json holds them all.")]
     parts += [study_d(c, plots.get(f"study_d_{i}"), detail, flip_on) for i, c in enumerate(comparisons)]
     return parts

@@ -263,9 +263,12 @@ def test_fingerprints_are_a_table_of_the_fields_that_differ(tmp_path):
     assert "| Field | `fp-vllm` | `fp-vllm-invariant` |" in sec
     assert _row(sec, "used by (records)") == ["used by (records)", "vllm", "vllm-invariant"]
     assert _row(sec, "env.VLLM_BATCH_INVARIANT") == ["env.VLLM_BATCH_INVARIANT", "(absent)", "1"]
-    assert _row(sec, "server_args")[1].endswith("--attention-backend TRITON_ATTN")
+    # a list that differs in one place shows that place; the rest, shared, is written out once below the table
+    assert _row(sec, "server_args") == ["server_args", "… --attention-backend TRITON_ATTN",
+                                        "… --attention-backend FLASH_ATTN"]
+    assert ("the part left out is the same in every fingerprint: `server_args = " + " ".join(args) + " …`.") in sec
     assert "Shared by all: device = NVIDIA H100 80GB HBM3 (cuda 13.0);" in sec and "torch = 2.11.0" in sec
-    assert "| torch |" not in sec and "…" not in sec and "{" not in sec
+    assert "| torch |" not in sec and "{" not in sec
 
 
 def test_every_plot_written_is_linked(tmp_path):
@@ -484,3 +487,12 @@ def test_study_d_prints_the_addendum_tables(tmp_path):
         assert f"| {s} | {t} | {n} |" in std
     assert inv.count("\n| ") == 4 and "| 0.0 | 0.0 | 19 |" in inv and "| 0.5 | 0.5 | 9 |" in inv
     assert "| 1.0 | 1.0 | 27 |" in inv
+
+
+def test_list_middles_shows_only_the_part_of_a_list_that_differs():
+    from evalhost.report_format import list_middles
+
+    assert list_middles([["--a", "1", "--b", "2"], ["--a", "1", "--b", "3"]]) == (
+        ["… --b 2", "… --b 3"], "--a 1 …")
+    assert list_middles([["x", "y", "z"], ["x", "new", "y", "z"]]) == (["… (nothing) …", "… new …"], "x … y z")
+    assert list_middles([["a"], ["b"]]) is None and list_middles(["a b", "a c"]) is None
