@@ -604,3 +604,22 @@ def test_hostile_records_do_not_crash_the_analysis():
     an.composition([dict(r, arm=["x"]) if isinstance(r, dict) else r for r in recs])
     an.export_candidates(recs)
     an.comparable_backends(recs)
+
+
+def test_study_d_rows_a_mode_cannot_compare_leave_both_modes_and_are_counted():
+    records = study_d_records()
+    bad = next(r for r in records if r["backend"] == "vllm-invariant" and r["condition"] == "batch"
+               and r["model"] == "llama3.2-1b")
+    bad.update(finish_reason="error", label=None, output_text="")
+    flipped = next(r for r in records if r["backend"] == "vllm" and r["condition"] == "batch"
+                   and r["label"] == "compliance")
+    flipped["scorer_error"] = "RuntimeError: scorer died"
+    cmp = an.compare_backends(records, "vllm", "vllm-invariant")
+    assert (cmp["rows"], cmp["rows_shared"], cmp["not_comparable"]["error"]) == (53, 55, 2)
+    assert (cmp["label"]["a_only"], cmp["label"]["neither"]) == (21, 32)
+    std, inv = cmp["modes"]
+    assert std["not_comparable"]["error"] == 1 and inv["not_comparable"]["error"] == 1
+    assert std["label_flips"]["n"] == inv["label_flips"]["n"] == 53
+    by_model = {r["value"]: (r["rows"], r["not_comparable"]["error"]) for r in cmp["breakdowns"]["model"]}
+    assert by_model["llama3.2-1b"] == (8, 2)  # both broken rows are llama3.2-1b rows
+    assert all(c["key"] != flipped["key"] for c in an.export_candidates(records))  # an error is no candidate
