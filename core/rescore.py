@@ -129,7 +129,12 @@ def _load_items(rd: RunDir, manifest: dict[str, Any], registry) -> tuple[Any, di
     study = parse_study(text, base / (origin.name or STUDY))
     items: dict[tuple[str, str], Any] = {}
     for task in study.tasks:
-        for item in load_task(replace(task, limit=None), registry, base):
+        try:
+            loaded = load_task(replace(task, limit=None), registry, base)
+        except UserError as exc:
+            raise UserError(f"rescore needs the task files the run used, and task '{task.name}' cannot be loaded: "
+                            f"{exc}") from None
+        for item in loaded:
             items[(task.name, item.id)] = item
     return study, items
 

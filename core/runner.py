@@ -319,6 +319,7 @@ class _Progress:
     def stop(self) -> None:
         if self.bar is not None:
             self.bar.stop()
+            self.bar = None
         if self._thread is not None:
             self._stop.set()
             self._thread.join()
@@ -401,6 +402,7 @@ def run_study(study: Study, resume: Path | None = None, executor: str = "local",
     for j in plan.jobs:
         left_by_cell[j.cell] = left_by_cell.get(j.cell, 0) + sum(k not in done for k in j.keys())
     bar = _Progress(total, len(done & {k for j in plan.jobs for k in j.keys()}), progress, left_by_cell)
+    _held.callback(bar.stop)  # also when something below fails before the run starts (stop is idempotent)
     out(f"run directory: {run_dir}  ({total} generations planned, {len(done)} already recorded)")
     context = RunContext(run_dir=run_dir, cache_dir=cache_dir(), log=bar.log,
                          load_items=lambda spec: _load_items(spec, registry, study))
