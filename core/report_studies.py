@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any, Mapping
 
 from .report_format import _nan, num, pct, pval, rate_ci, table
+from .report_headline import flip_words, rate_header
 
 
 METHODS = {"bootstrap-bca": "BCa bootstrap", "bootstrap-percentile": "percentile bootstrap", "BCa": "BCa bootstrap"}
@@ -18,7 +19,7 @@ def study_b_backends(b: Mapping[str, Any]) -> list[Mapping[str, Any]]:
 
 
 def _pearson_line(pr: Mapping[str, Any]) -> str:
-    head = f"- Pearson r between per-model text-change rate and label-flip rate ({pr['n']} models): "
+    head = f"- Pearson r between per-model text-change rate and flip rate ({pr['n']} models): "
     if _nan(pr.get("r")):
         return head + f"not computed ({pr.get('note')})."
     s = head + f"r = {num(pr['r'])}, p = {pval(pr['p'])}"
@@ -35,19 +36,19 @@ def _pearson_line(pr: Mapping[str, Any]) -> str:
     return s
 
 
-def _study_b_block(blk: Mapping[str, Any], plot: str | None) -> list[str]:
+def _study_b_block(blk: Mapping[str, Any], plot: str | None, noun: str = "Label flips") -> list[str]:
     pooled, an_, pr = blk["pooled"], blk["anova_alignment"], blk["pearson_text_vs_flip"]
     rows = [[m["model"], m["alignment_type"], m["pairs"], m["safety"]["k"], rate_ci(m["safety"]),
              m["capability"]["k"], rate_ci(m["capability"]), rate_ci(m["label_flips"]), rate_ci(m["text_changes"])]
             for m in blk["models"]]
     out = [f"### Backend {blk['backend']}", "",
            table(["Model", "Alignment", "Comparable pairs", "Safety flips", "Safety rate", "Capability flips",
-                  "Capability rate", "Label-flip rate", "Text-change rate"], rows), "",
+                  "Capability rate", rate_header(noun), "Text-change rate"], rows), "",
            f"- Safety flip rate over this backend's models {rate_ci(pooled['safety'])} vs capability "
            f"{rate_ci(pooled['capability'])}: safety/capability ratio "
            + (f"{num(pooled['safety_capability_ratio'], '.2f')}x." if not _nan(pooled["safety_capability_ratio"])
               else "undefined (no capability flips or no capability pairs)."),
-           f"- One-way ANOVA of per-model label-flip rate by alignment type ({an_['k']} groups, {an_['n']} models): "
+           f"- One-way ANOVA of per-model flip rate by alignment type ({an_['k']} groups, {an_['n']} models): "
            + (f"F({an_['df_between']}, {an_['df_within']}) = {num(an_['F'])}, p = {pval(an_['p'])}, "
               f"eta² = {num(an_['eta_sq'])}." if not _nan(an_["F"]) else f"not computed ({an_['note']})."),
            _pearson_line(pr)]
@@ -65,7 +66,7 @@ def study_b(b: Mapping[str, Any], plots: Mapping[str, str]) -> str:
            "Per backend: a model's rates under different backends are different measurements and are never "
            "averaged together."]
     for i, blk in enumerate(blocks):
-        out += [""] + _study_b_block(blk, plots.get(f"study_b_{i}"))
+        out += [""] + _study_b_block(blk, plots.get(f"study_b_{i}"), flip_words(b.get("flip_on") or "label")[0])
     return "\n".join(out)
 
 
@@ -81,7 +82,7 @@ def _paired_part(c: Mapping[str, Any]) -> list[str]:
     out = ["", "### Paired tests (the arms ran the same targets)", ""]
     q = c.get("cochran_q")
     if q:
-        out.append(f"- Cochran's Q across the {len(c['arms'])} arms (label flip per target): Q = {num(q.get('q'))}, "
+        out.append(f"- Cochran's Q across the {len(c['arms'])} arms (flip per target): Q = {num(q.get('q'))}, "
                    f"df = {q.get('df')}, p = {pval(q.get('p'))}.")
     pw = c.get("pairwise") or []
     if pw:
@@ -105,11 +106,12 @@ def _paired_part(c: Mapping[str, Any]) -> list[str]:
 def study_c(c: Mapping[str, Any]) -> str:
     ft, tt, lt = c["flip_test"], c["text_test"], c["batch_labels"]["test"]
     paired = bool(c.get("paired"))
+    noun = flip_words(c.get("flip_on") or "label")[0]
     out = ["## Study C: composition arms", "",
            f"Reference arm: **{c['reference']}**. "
            + ("The arms ran the same targets, so they are compared as paired samples." if paired
               else "The arms ran different targets, so they are compared as independent samples."), "",
-           table(["Arm", "Comparable pairs", "Label flips", "Label-flip rate", "Text changes", "Text-change rate"],
+           table(["Arm", "Comparable pairs", noun, rate_header(noun), "Text changes", "Text-change rate"],
                  [[r["arm"], r["pairs"], r["label_flips"]["k"], rate_ci(r["label_flips"]), r["text_changes"]["k"],
                    rate_ci(r["text_changes"])] for r in c["arms"]])]
     if paired:
@@ -118,7 +120,7 @@ def study_c(c: Mapping[str, Any]) -> str:
         out += ["", _test_line("Label flips across arms", ft), _test_line("Text changes across arms", tt)]
     out.append(_test_line("Batch label distribution across arms", lt))
     if c["mde"] and not paired:
-        out += ["", f"Minimum detectable increase in label-flip rate over the reference arm (two-sided alpha "
+        out += ["", f"Minimum detectable increase in flip rate over the reference arm (two-sided alpha "
                     f"{c['alpha']}, power {c['power']}, Cohen's h normal approximation):", "",
                 table(["Arm", "Reference items", "Arm items", "Baseline rate", "MDE (pp)"],
                       [[m["arm"], m["n_reference"], m["n_arm"], pct(m["baseline"]), num(m["mde_pp"], ".1f")]

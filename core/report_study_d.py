@@ -70,6 +70,12 @@ def study_d(cmp: Mapping[str, Any], plot: str | None, detail: bool, flip_on: str
            f"candidate rows, OK those comparable (no error, both labelled, same prompt). Label flips here are "
            f"{flip_word}.", "",
            table(MODE_HEADERS, [mode_row(m) for m in cmp["modes"]])]
+    kinds = [f"{m['mode']}: {m['label_flips']['k']} flips, {m['substantive_flips']['k']} substantive and "
+             f"{m['parse_failure_flips']['k']} parse failures (a side `unparsed` or empty); {m['text_changes']['k']} "
+             f"text changes, {m['truncated_changes']} with a side stopped at max_tokens"
+             for m in cmp["modes"] if m.get("substantive_flips") is not None and m.get("parse_failure_flips")]
+    if kinds:
+        out += ["", "Flip kinds: " + "; ".join(kinds) + "."]
     nc = [(m["mode"], m.get("not_comparable")) for m in cmp["modes"] if any((m.get("not_comparable") or {}).values())]
     if nc:
         out += ["", "Not comparable: " + "; ".join(f"{name} {not_comparable_text(v)}" for name, v in nc) + "."]

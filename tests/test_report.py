@@ -103,6 +103,8 @@ def test_report_writes_markdown_summary_and_plots(tmp_path):
     assert "| vllm-invariant | 55 | 55 | 0 | 0.0% [0.0%, 6.5%] | 0 | 0.0% [0.0%, 6.5%] |" in md
     assert "## Study D" in md and "McNemar p = 4.77e-7" in md and "McNemar p = 5.96e-8" in md
     assert "| vllm flip, vllm-invariant non-flip | 22 |" in md
+    assert ("Flip kinds: vllm: 22 flips, 22 substantive and 0 parse failures (a side `unparsed` or empty); 25 text "
+            "changes, 0 with a side stopped at max_tokens;") in md
     assert "## Study B" in md and "## Study C" in md and "## Adjudication" in md and "## Per-cell invariance" in md
     assert "fp-vllm-invariant" in md and "| vllm-invariant | batch_invariant_override | registered |" in md
 
@@ -408,7 +410,7 @@ def test_study_c_arms_on_the_same_targets_are_paired(tmp_path):
     md = write_report(_write(tmp_path / "c", records), plots=False).read_text()
     sec = md.split("## Study C", 1)[1].split("\n## ", 1)[0]
     assert "The arms ran the same targets, so they are compared as paired samples." in sec
-    assert "- Cochran's Q across the 2 arms (label flip per target): Q = 3.000, df = 1, p = 0.0833." in sec
+    assert "- Cochran's Q across the 2 arms (flip per target): Q = 3.000, df = 1, p = 0.0833." in sec
     assert _row(sec.split("Pairwise exact McNemar", 1)[1], "control") == ["control", "harmful", "8", "0", "3", "0.25",
                                                                            "0.25"]
     assert "Label flips across arms" not in sec  # the independent-samples test is not used
