@@ -147,6 +147,7 @@ def rescore_run(run_dir: str | Path, scorer: str | None = None, report: bool = T
     from .runner import _Scorers
 
     rd = RunDir(run_dir).require()
+    rd.read_json(MANIFEST)  # not a run directory: refused before the lock file is made in it
     with rd.lock(purpose="rescore"):
         manifest = rd.read_json(MANIFEST)
         if manifest.get("status") != "complete":

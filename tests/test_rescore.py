@@ -105,6 +105,11 @@ def test_bad_input_is_one_sentence_and_changes_nothing(flaky_run):
     assert proc.returncode == 2 and "not a finished run (status 'interrupted')" in proc.stderr, proc.stderr
     (flaky_run / "manifest.json").write_text(manifest)
     assert files() == before
+    plain = flaky_run.parent / "my-documents"
+    plain.mkdir()
+    proc = subprocess.run([sys.executable, "-m", "evalhost.cli", "rescore", str(plain)], env=plugin_env(),
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "has no manifest.json" in proc.stderr and not list(plain.iterdir()), proc.stderr
 
 
 def test_an_archived_run_is_rescored_in_place(flaky_run, monkeypatch):
