@@ -2,11 +2,15 @@
 
 Tables reuse the shapes of the Study D addendum (``Mode | Records | OK | Label flips | Label-flip rate | Text changes
 | Text-change rate``, paired discordance tables, per-slice breakdowns, score-pair distributions).
+
+Rendering is split by part: ``report_format`` (numbers, tables, the plain-language sentence), ``report_header`` (run
+table, stack fingerprints), ``report_headline`` (headline per backend, breakdowns, label matrices per scorer),
+``report_study_d`` (the addendum's tables) and ``report_studies`` (Studies B and C). Every rate is over comparable
+pairs; the manifest's ``flip_on`` ("label" by default) says what a flip is.
 """
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 

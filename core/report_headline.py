@@ -99,7 +99,7 @@ def label_pairs_by_scorer(records: Sequence[Mapping[str, Any]], pairs: Sequence[
     for p in pairs:
         if not p.get("comparable", p.get("ok")):
             continue
-        scorer = str(scorer_of.get(p.get("key")) or "unknown scorer")
+        scorer = str(p.get("scorer") or scorer_of.get(p.get("key")) or "unknown scorer")
         counts.setdefault(scorer, Counter())[(str(p["solo_label"]), str(p["batch_label"]))] += 1
     return [{"scorer": s, "pairs": [{"solo": a, "batch": b, "count": n} for (a, b), n in sorted(counts[s].items())]}
             for s in sorted(counts)]

@@ -209,8 +209,8 @@ def _write(run: Path, records, manifest=None) -> Path:
     return run
 
 
-def _simple(n, flips, backend="vllm", *, model="m1", task="jailbreak", scorer="refusal", labels=("refusal", "compliance"),
-            dispatcher="synchronized", **kw):
+def _simple(n, flips, backend="vllm", *, model="m1", task="jailbreak", scorer="refusal",
+            labels=("refusal", "compliance"), dispatcher="synchronized", **kw):
     """n pairs of one backend; the first ``flips`` change label (and text)."""
     out = []
     for i in range(n):
@@ -496,5 +496,6 @@ def test_list_middles_shows_only_the_part_of_a_list_that_differs():
 
     assert list_middles([["--a", "1", "--b", "2"], ["--a", "1", "--b", "3"]]) == (
         ["… --b 2", "… --b 3"], "--a 1 …")
-    assert list_middles([["x", "y", "z"], ["x", "new", "y", "z"]]) == (["… (nothing) …", "… new …"], "x … y z")
+    assert list_middles([["x", "y", "z"], ["x", "new", "y", "z"]]) == (["… (nothing) …", "… new …"],
+                                                                        "x … y z")
     assert list_middles([["a"], ["b"]]) is None and list_middles(["a b", "a c"]) is None
