@@ -27,7 +27,8 @@ def _value(v: Any, limit: int = 200) -> str:
 
 
 def fingerprints_section(fps: Mapping[str, Any], records: Sequence[Mapping[str, Any]] = ()) -> list[str]:
-    """One column per fingerprint, one row per field whose value differs, then one line with the shared fields."""
+    """One column per fingerprint, one row per field whose value differs, then one line with the shared fields;
+    every value whole (never cut)."""
     if not fps:
         return []
     used: dict[str, set] = {}
@@ -40,7 +41,7 @@ def fingerprints_section(fps: Mapping[str, Any], records: Sequence[Mapping[str, 
         flat = flatten(fps[names[0]])
         out += [f"One stack fingerprint, `{names[0]}`"
                 + (f" (used by {', '.join(sorted(used.get(names[0], ())))})" if used.get(names[0]) else "") + ":",
-                "", table(["Field", "Value"], [[f, _value(v)] for f, v in flat.items()])]
+                "", table(["Field", "Value"], [[f, v] for f, v in flat.items()])]
         return out
     differ, shared = differing_fields({n: fps[n] for n in names})
     flats = {n: flatten(fps[n]) for n in names}
@@ -60,7 +61,7 @@ def fingerprints_section(fps: Mapping[str, Any], records: Sequence[Mapping[str, 
     if around:
         out += ["Where '…' stands in a row above, the part left out is the same in every fingerprint: "
                 + "; ".join(f"`{a}`" for a in around) + ".", ""]
-    out.append("Shared by all: " + ("; ".join(f"{f} = {_value(v, 120)}" for f, v in shared.items()) or "nothing")
+    out.append("Shared by all: " + ("; ".join(f"{f} = {v}" for f, v in shared.items()) or "nothing")
                + ".")
     return out
 

@@ -271,6 +271,13 @@ def test_fingerprints_are_a_table_of_the_fields_that_differ(tmp_path):
     assert ("the part left out is the same in every fingerprint: `server_args = " + " ".join(args) + " …`.") in sec
     assert "Shared by all: device = NVIDIA H100 80GB HBM3 (cuda 13.0);" in sec and "torch = 2.11.0" in sec
     assert "| torch |" not in sec and "{" not in sec
+    # one fingerprint: a table of every field, long values whole
+    long_args = args * 4
+    run1 = _write(tmp_path / "fp1", _simple(2, 0), {"study": "s", "fingerprints": {"fp-vllm": {
+        **base, "server_args": long_args}}})
+    sec = write_report(run1, plots=False).read_text().split("### Stack fingerprints", 1)[1].split("\n## ", 1)[0]
+    assert "One stack fingerprint, `fp-vllm`" in sec
+    assert _row(sec, "server_args") == ["server_args", " ".join(long_args)] and "…" not in sec
 
 
 def test_every_plot_written_is_linked(tmp_path):
