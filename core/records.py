@@ -27,7 +27,7 @@ from .rundir import ARCHIVED, RECORDS, RunDir, _shown
 
 MAX_LINE_BYTES = 64 * 2**20  # one record; real ones are kilobytes (46 KB with 1,000-token outputs and token ids)
 GZIP_MAX_RATIO = 100  # decompressed / compressed bytes; JSONL records compress 6-11x
-GZIP_RATIO_FLOOR = 64 * 2**20  # below this many decompressed bytes the ratio is not checked
+GZIP_RATIO_FLOOR = 16 * 2**20  # below this many decompressed bytes the ratio is not checked
 
 # identity fields: hashed, compared and sorted by analysis, so a list or dict there is refused, not crashed on
 STRING_FIELDS = ("key", "study", "phase", "run_id", "cell", "model", "alignment_type", "backend", "backend_plugin",
@@ -37,6 +37,11 @@ STRING_FIELDS = ("key", "study", "phase", "run_id", "cell", "model", "alignment_
 INT_FIELDS = ("batch_size", "repeat", "position", "attempts", "schema")
 LIST_FIELDS = ("peers", "output_token_ids")
 DICT_FIELDS = ("timings", "backend_config", "dispatch_evidence")
+
+
+class CorruptRecord(UserError):
+    """A line of a records file that is not a record (``evalhost validate`` lists it as an error, exit 1); reads
+    refused for their size or a link raise plain UserError (exit 2)."""
 
 
 def find_records(run_dir: str | Path) -> Path:
@@ -149,17 +154,17 @@ def iter_records(path: str | Path, strict: bool = False, checked: bool = False) 
             if not ended:  # torn final write: the generation in flight when killed
                 continue
             if strict or checked:
-                raise UserError(f"{_shown(path)}:{n} is not a JSON record; the file was edited or corrupted by hand "
+                raise CorruptRecord(f"{_shown(path)}:{n} is not a JSON record; the file was edited or corrupted by hand "
                                 f"(run `evalhost validate`)") from None
             continue
         if checked:
             problem = shape_problem(rec)
             if problem:
-                raise UserError(f"{_shown(path)}:{n} {problem}; the file was edited or corrupted by hand (run "
+                raise CorruptRecord(f"{_shown(path)}:{n} {problem}; the file was edited or corrupted by hand (run "
                                 f"`evalhost validate`)")
         elif not isinstance(rec, dict):
             if strict:
-                raise UserError(f"{_shown(path)}:{n} is a JSON {type(rec).__name__}, not a record object; the file "
+                raise CorruptRecord(f"{_shown(path)}:{n} is a JSON {type(rec).__name__}, not a record object; the file "
                                 f"was edited or corrupted by hand")
             continue
         yield rec

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 from .errors import UserError
-from .records import find_records, iter_records
+from .records import CorruptRecord, find_records, iter_records
 from .rundir import MANIFEST, RunDir
 
 REQUIRED: dict[str, type | tuple] = {
@@ -125,7 +125,7 @@ def validate_run(run_dir: str | Path) -> dict[str, Any]:
     errors = _Errors()
     if manifest is None:
         errors.add("manifest.json is missing")
-    known = (manifest or {}).get("fingerprints") or {}
+    known = (manifest or {}).get("fingerprints", {})
     if not isinstance(known, dict):
         raise UserError(f"{rd.path / MANIFEST} has a {type(known).__name__} as 'fingerprints', not an object; "
                         f"the file was edited by hand - restore it from the run")
@@ -170,7 +170,7 @@ def validate_run(run_dir: str | Path) -> dict[str, Any]:
             if manifest and not unknown_fid and not (isinstance(fid, str) and fid in known):
                 errors.add(f"record {shown}: fingerprint {fid} is not in manifest.json")
                 unknown_fid = True
-    except UserError as exc:
+    except CorruptRecord as exc:  # a line that is no record is a finding; a refused read (bomb, link) is exit 2
         return {"records": counts["records"], "errors": [str(exc)], "warnings": []}
 
     dups = _duplicates(keys)
