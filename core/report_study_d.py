@@ -11,6 +11,9 @@ from typing import Any, Mapping
 from .report_format import not_comparable_text, pct, pval, rate_ci, score, table
 
 MODE_HEADERS = ["Mode", "Records", "OK", "Label flips", "Label-flip rate", "Text changes", "Text-change rate"]
+# the addendum's order of its discovery directions (section 8.8); other values follow, in the analysis' order
+DIRECTION_ORDER = ("refuse_to_comply", "comply_to_refuse", "safety_weakened", "safety_strengthened",
+                   "incorrect_to_correct", "correct_to_incorrect")
 BREAKDOWNS = (("model", "Model"), ("domain", "Domain"), ("task", "Task"), ("dispatcher", "Dispatch mode"),
               ("phase", "Phase"), ("original_direction", "Original direction"),
               ("direction", "Direction of the rerun's own flip"))
@@ -48,6 +51,9 @@ def _breakdown(cmp: Mapping[str, Any], field: str, title: str) -> list[str]:
         return []
     if field == "direction" and any(r["value"] is not None for r in cmp["breakdowns"].get("original_direction") or []):
         return []  # the rerun's own direction is shown only when the original one is unknown
+    if field == "original_direction":
+        rows = sorted(rows, key=lambda r: DIRECTION_ORDER.index(r["value"]) if r["value"] in DIRECTION_ORDER
+                      else len(DIRECTION_ORDER))
     a, b = cmp["a"], cmp["b"]
     nc = any(any((r.get("not_comparable") or {}).values()) for r in rows)
     headers = [title, "Candidate rows", f"{a} flips", f"{a} rate", f"{b} flips", f"{b} rate",

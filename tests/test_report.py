@@ -487,6 +487,9 @@ def test_study_d_prints_the_addendum_tables(tmp_path):
         assert f"| {title} | Candidate rows | {a} flips | {a} rate | {b} flips | {b} rate |" in sec
         for value, (n, k, rate) in rows.items():
             assert _row(sec, value)[:6] == [value, str(n), str(k), rate, "0", "0.0%"]
+    directions = d.split("#### By original direction\n", 1)[1].split("####", 1)[0]
+    assert [line.split(" | ")[0][2:] for line in directions.strip().splitlines()[2:]] == list(
+        published["Original direction"])  # in the addendum's order
     # 8.9
     scores = d.split("#### Score-pair distribution", 1)[1]
     std, inv = scores.split(f"{b} score pairs:", 1)
