@@ -31,6 +31,23 @@ TIMING_TEXT = ("Describe, in a few sentences, how a postal service gets a letter
                "the post box to the door. Mention sorting, transport and delivery.")
 
 
+# the longest shipped prompt is 295 tokens with SmolLM2's chat template (preflight_probes long-01); 512 leaves room
+# for tokenizers that need more tokens for the same text
+LONGEST_PROMPT_TOKENS = 512
+
+
+def check_context(max_model_len, max_tokens: int) -> None:
+    """One sentence when the server's context (when known) cannot hold the longest probe plus ``max_tokens``."""
+    try:
+        n = int(str(max_model_len))
+    except (TypeError, ValueError):
+        return
+    if n < LONGEST_PROMPT_TOKENS + max_tokens:
+        raise UserError(f"the server's max model length is {n} tokens, too short for the probe set (prompts up to "
+                        f"about {LONGEST_PROMPT_TOKENS} tokens) plus --max-tokens {max_tokens}; lower --max-tokens or "
+                        f"serve with a longer --max-model-len")
+
+
 def _check_numbers(minutes: float, max_tokens: int) -> None:
     if not minutes > 0:
         raise UserError(f"--minutes must be more than 0 (got {minutes:g}); give the time the preflight may take, "
@@ -126,10 +143,16 @@ def preflight(url: str | None = None, config: Path | None = None, model: str | N
         target = target_from_url(str(url), model, tokenizer, list(stack_pairs or []))
     try:
         facts = target.stack["facts"]
+        check_context(facts["max_model_len"], max_tokens)
         warnings = match_known_bad(facts)
         for w in warnings:
-            how = "matches" if w["match"] == "match" else "may match (a fact it depends on is unknown)"
-            out(f"warning: this stack {how} {w['issue']}: {w['summary']}; fix: {w['fix']}")
+            if w["match"] == "match":
+                out(f"warning: this stack matches {w['issue']}: {w['summary']}; fix: {w['fix']}")
+        maybe = [w for w in warnings if w["match"] != "match"]
+        if maybe:
+            out("warning: this stack may match " + "; ".join(f"{w['issue']} (unknown: {', '.join(w['unknown'])})"
+                                                          for w in maybe)
+                + "; give those facts with --stack KEY=VALUE (preflight.md says what each entry is)")
         note = standard_mode_note(facts)
         if note:
             out(f"note: {note}")

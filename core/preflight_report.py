@@ -35,7 +35,8 @@ def render_markdown(run_dir: Path, target, plan, timing, results: Sequence, warn
     lines += ["## Known-bad combinations", ""]
     if warnings:
         for w in warnings:
-            how = "**matches**" if w["match"] == "match" else "**may match** (a fact it depends on is unknown)"
+            how = ("**matches**" if w["match"] == "match" else
+                   f"**may match** (unknown: {', '.join(w.get('unknown') or [])})")
             lines.append(f"- {how} {w['issue']}: {w['summary']}. Versions: {w['versions']}. Fix: {w['fix']}.")
     else:
         lines.append("- none of the shipped table's entries (docs/preflight.md) match this stack.")

