@@ -83,8 +83,12 @@ def study_d(cmp: Mapping[str, Any], plot: str | None, detail: bool, flip_on: str
     if kinds:
         out += ["", "Flip kinds: " + "; ".join(kinds) + "."]
     nc = [(m["mode"], m.get("not_comparable")) for m in cmp["modes"] if any((m.get("not_comparable") or {}).values())]
-    if nc:
-        out += ["", "Not comparable: " + "; ".join(f"{name} {not_comparable_text(v)}" for name, v in nc) + "."]
+    left = cmp.get("not_comparable") or {}
+    if nc or any(left.values()):
+        n_left = sum(left.values())
+        out += ["", f"Left out of both modes' rates: {n_left} candidate row{'s' if n_left != 1 else ''} that a mode "
+                    f"cannot compare ({not_comparable_text(left).split(' ', 1)[-1].strip('()')}). Not comparable by "
+                    f"mode: " + "; ".join(f"{name} {not_comparable_text(v)}" for name, v in nc) + "."]
     if not detail:
         for key, noun in (("label", "Label flips"), ("text", "Text changes")):
             d = cmp[key]

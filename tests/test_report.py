@@ -509,3 +509,18 @@ def test_list_middles_shows_only_the_part_of_a_list_that_differs():
     assert list_middles([["x", "y", "z"], ["x", "new", "y", "z"]]) == (["… (nothing) …", "… new …"],
                                                                         "x … y z")
     assert list_middles([["a"], ["b"]]) is None and list_middles(["a b", "a c"]) is None
+
+
+def test_study_d_row_that_one_mode_cannot_compare_is_left_out_of_both(tmp_path):
+    """Issue 17 finding 1 in Study D: an errored standard-mode row counted as a flip under standard only."""
+    records = build_run(tmp_path / "x")
+    bad = next(r for r in records if r["backend"] == "vllm" and r["condition"] == "batch" and r["label"] == "refusal")
+    bad["finish_reason"] = "error"
+    run = _write(tmp_path / "d", records)
+    md = write_report(run, plots=False).read_text()
+    d = md.split("## Study D", 1)[1].split("\n## ", 1)[0]
+    assert _row(d, "vllm")[:5] == ["vllm", "55", "54", "22", "40.7% [28.7%, 54.0%]"]
+    assert _row(d, "vllm-invariant")[:5] == ["vllm-invariant", "55", "55", "0", "0.0% [0.0%, 6.6%]"]
+    assert ("Left out of both modes' rates: 1 candidate row that a mode cannot compare (1 error). Not comparable "
+            "by mode: vllm 1 (1 error).") in d
+    assert "| vllm non-flip, vllm-invariant non-flip | 32 |" in d
