@@ -7,12 +7,12 @@ from typing import Any, Mapping, Sequence
 
 from .report_format import differing_fields, flatten, list_middles, not_comparable_text, table
 
-FLIP_ON_WORDS = {"label": "a change of label (solo label != batch label)",
-                 "score": "a change of score (solo score != batch score, e.g. a partial 0.5 vs a full 1.0)"}
+FLIP_ON_WORDS = {"label": "a change of label (solo label != batch label",
+                 "score": "a change of score (solo score != batch score, e.g. a partial 0.5 vs a full 1.0"}
 
 
 def flip_on_sentence(flip_on: str) -> str:
-    return (f"A flip is {FLIP_ON_WORDS.get(flip_on, repr(flip_on))} (study option `flip_on = \"{flip_on}\"`"
+    return (f"A flip is {FLIP_ON_WORDS.get(flip_on, repr(flip_on) + ' (')}; study option `flip_on = \"{flip_on}\"`"
             + (", the default" if flip_on == "label" else "") + ").")
 
 

@@ -96,7 +96,7 @@ def _paired_part(c: Mapping[str, Any]) -> list[str]:
         out += ["", f"Minimum detectable change in flip rate against the reference arm on the same targets "
                     f"(two-sided alpha {c.get('alpha')}, power {c.get('power')}; "
                     f"{c.get('mde_paired_method') or 'paired design'}):", "",
-                table(["Arm", "Reference arm", "Paired targets", "Reference flip rate", "Discordant targets",
+                table(["Arm", "Reference arm", "Paired targets", "Reference flip rate", "Discordant share",
                        "MDE (pp)"],
                       [[m.get("arm"), m.get("reference"), m.get("n"), pct(m.get("baseline")), pct(m.get("discordant")),
                         num(m.get("mde_pp"), ".1f")] for m in mp])]

@@ -421,7 +421,7 @@ def test_study_c_arms_on_the_same_targets_are_paired(tmp_path):
     assert _row(sec.split("Pairwise exact McNemar", 1)[1], "control") == ["control", "harmful", "8", "0", "3", "0.25",
                                                                            "0.25"]
     assert "Label flips across arms" not in sec  # the independent-samples test is not used
-    assert "| Arm | Reference arm | Paired targets | Reference flip rate | Discordant targets | MDE (pp) |" in sec
+    assert "| Arm | Reference arm | Paired targets | Reference flip rate | Discordant share | MDE (pp) |" in sec
 
 
 ADDENDUM_CSV = Path(__file__).resolve().parents[1] / "docs/results/addendum-import/addendum-study-d.csv"
