@@ -219,7 +219,10 @@ def adjudicate(ctx: click.Context, run_dir: Path, import_file: Path | None, redo
     from .rundir import RunDir
 
     try:
-        with RunDir(run_dir).require().lock(purpose="adjudicate"):  # one writer per run directory
+        from .records import find_records
+
+        find_records(run_dir)  # a directory that is not a run is refused before a lock file is left in it
+        with RunDir(run_dir).lock(purpose="adjudicate"):  # one writer per run directory
             _adjudicate(run_dir, import_file, redo_skipped)
     except UserError as exc:
         from .cli import one_line

@@ -234,8 +234,7 @@ _MANIFEST_SHAPE = {"fingerprints": dict, "evidence": dict, "backend_fingerprints
 
 
 def _open_resume(study: Study, run_dir: Path) -> dict[str, Any]:
-    rd = RunDir(run_dir).require()
-    manifest = rd.read_json(MANIFEST, default=None)
+    manifest = RunDir(run_dir).read_json(MANIFEST, default=None) if run_dir.is_dir() else None
     if manifest is None:
         raise UserError(f"{run_dir} is not an evalhost run directory (no {MANIFEST}); pass the directory "
                         f"printed by `evalhost run`")
@@ -349,7 +348,7 @@ def run_study(study: Study, resume: Path | None = None, executor: str = "local",
             return run_study(study, resume, executor, executor_options, dry_run, progress, report, out, limit, held)
     registry = get_registry()
     if resume and limit is None:
-        limit = RunDir(resume).read_json(MANIFEST, default={}).get("limit")
+        limit = _open_resume(study, Path(resume)).get("limit")
     if limit is not None:
         study.tasks = [replace(t, limit=min(t.limit or limit, limit)) for t in study.tasks]
     for problem in registry.problems:
@@ -373,8 +372,9 @@ def run_study(study: Study, resume: Path | None = None, executor: str = "local",
 
     if resume:
         run_dir = Path(resume)
-        _held.enter_context(RunDir(run_dir).require().lock(purpose="resume"))
-        manifest = _open_resume(study, run_dir)
+        _open_resume(study, run_dir)  # a directory that is not this study's run is refused before a lock file is left
+        _held.enter_context(RunDir(run_dir).lock(purpose="resume"))
+        manifest = _open_resume(study, run_dir)  # read again under the lock
     else:
         run_dir = _new_run_dir(study)
         _held.enter_context(RunDir(run_dir).lock(purpose="run"))
