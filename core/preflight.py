@@ -27,8 +27,15 @@ from .preflight_stack import match_known_bad, standard_mode_note
 from .preflight_target import Target, read_config, safe_name, target_from_config, target_from_url
 
 MAX_MINUTES = 24 * 60
-TIMING_TEXT = ("Describe, in a few sentences, how a postal service gets a letter from one town to another, from "
-               "the post box to the door. Mention sorting, transport and delivery.")
+# the timing prompts: about as long as the probe set's middle (never sent by the study, so they warm no prefix
+# cache the study could hit)
+TIMING_TEXT = ("A letter posted in a small town goes first to a local office, where it is collected with the rest "
+               "of the day's post and taken by van to a larger sorting centre. There, machines read the address, "
+               "print a code on the envelope and sort the letters by region. Lorries or trains carry them overnight "
+               "to the sorting centre that serves the destination, where they are sorted again, this time down to "
+               "the street and the order in which a carrier walks the round. In the morning the carrier collects "
+               "the bundle and delivers it. Describe this journey in a few sentences, and say which step you think "
+               "is most likely to cause a delay.")
 
 
 # the longest shipped prompt is 295 tokens with SmolLM2's chat template (preflight_probes long-01); 512 leaves room
@@ -60,8 +67,8 @@ def _check_numbers(minutes: float, max_tokens: int) -> None:
 
 # ----------------------------------------------------------------------------------------------- timing
 def time_requests(target: Target, max_tokens: int, out: Callable[[str], None]) -> Timing:
-    """One warm-up request, then one timed solo request and one timed prompt list of 4 (distinct prompts, so a
-    prefix cache cannot shorten the list), through the same backend the study uses."""
+    """One warm-up request, then one timed solo request and one timed prompt list of 4, all distinct prompts (the
+    number comes first, so a prefix cache cannot shorten any of them), through the same backend the study uses."""
     from .models import cache_dir
     from .registry import get_registry
     from .types import ModelSpec, RunContext, Sampling, TaskItem
@@ -76,13 +83,13 @@ def time_requests(target: Target, max_tokens: int, out: Callable[[str], None]) -
     try:
         backend.start()
         prompts = [backend.render(TaskItem(id=f"timing-{i}", task="timing", domain="capability",
-                                           prompt=f"{TIMING_TEXT} ({i + 1})")) for i in range(5)]
-        backend.generate([prompts[0]], Sampling(max_tokens=1))
+                                           prompt=f"({i + 1}) {TIMING_TEXT}")) for i in range(6)]
+        backend.generate([prompts[0]], Sampling(max_tokens=1))  # warm-up: the first request after a start is slow
         t0 = time.monotonic()
-        backend.generate([prompts[0]], Sampling(max_tokens=max_tokens))
+        backend.generate([prompts[1]], Sampling(max_tokens=max_tokens))
         t1 = time.monotonic() - t0
         t0 = time.monotonic()
-        backend.generate(prompts[1:5], Sampling(max_tokens=max_tokens))
+        backend.generate(prompts[2:6], Sampling(max_tokens=max_tokens))
         t4 = time.monotonic() - t0
     finally:
         if scratch is not None:

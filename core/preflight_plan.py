@@ -11,9 +11,10 @@ is already saturated by one request). The study's cost is the sum over its condi
   fillers with ``filler_max_tokens`` tokens churn, then the fillers in flight drain).
 
 It takes the largest rung of :data:`LADDER` (items, drawn from the probe set first and then the other shipped task
-sets) whose cost fits in 80 % of what is left of the budget, then adds repeats of the batched conditions (and a
-third solo repeat) while they still fit. When even the smallest rung does not fit, it runs that rung and says how
-long it is expected to take.
+sets) whose cost fits in 80 % of what is left of the budget. With every item in, it adds batch sizes
+(:data:`GROW`: each size groups the items differently, so its pairs are new compositions), then repeats of the
+batched conditions (a repeat replays the same groups, so it is the last resort), and a third solo run, while they
+still fit. When even the smallest rung does not fit, it runs that rung and says how long it is expected to take.
 """
 from __future__ import annotations
 
@@ -28,6 +29,9 @@ TASK_ORDER = (("preflight_probes", 24), ("benign", 42), ("truthfulqa_style", 42)
               ("bbq_style", 64), ("jailbreak_amplification", 48))
 LADDER = (4, 8, 12, 16, 24, 48, 96, 144, 200, 270)
 MAX_REPEATS = 8
+# batch sizes added once every item is in ("batch": prompt_list and synchronized; "continuous": its batch size)
+GROW = (("batch", 32), ("continuous", 32), ("batch", 2), ("continuous", 8), ("batch", 12), ("batch", 24),
+        ("continuous", 24), ("batch", 6), ("batch", 3), ("batch", 48), ("continuous", 48), ("batch", 64))
 BUDGET_SHARE = 0.8
 FILLER_MAX_TOKENS = 4
 
@@ -51,7 +55,7 @@ class Timing:
 class PreflightPlan:
     tasks: list[tuple[str, int]]
     batch_sizes: list[int]
-    continuous_batch: int
+    continuous_batches: list[int]
     continuous_targets: int
     delay_s: float
     repeats: int = 1
@@ -69,7 +73,8 @@ class PreflightPlan:
         return (f"one solo request ({max_tokens} tokens) took {timing.t1:.2f} s and a prompt list of 4 took "
                 f"{timing.t4:.2f} s, so a batch of b is modelled as {timing.t1:.2f} s x (1 + {timing.alpha:.2f} "
                 f"(b - 1)); picked {self.items} items ({', '.join(f'{t} {n}' for t, n in self.tasks)}), batch sizes "
-                f"{', '.join(map(str, self.batch_sizes))}, continuous batch {self.continuous_batch} with "
+                f"{', '.join(map(str, self.batch_sizes))}, continuous batch "
+                f"{', '.join(map(str, self.continuous_batches))} with "
                 f"{self.continuous_targets} target(s) per group, {self.solo_repeats} solo runs, {self.repeats} "
                 f"run(s) of each batched condition: about {self.estimate_s / 60:.1f} min of the "
                 f"{self.budget_s / 60:.1f} min left for generation ({int(BUDGET_SHARE * 100)} % of the budget)")
@@ -105,8 +110,8 @@ def estimate(plan: PreflightPlan, timing: Timing) -> float:
     per_task = [n for _, n in plan.tasks]
     solo = sum(per_task) * plan.solo_repeats * timing.t1
     batched = sum(math.ceil(n / b) * timing.batch(b) for n in per_task for b in plan.batch_sizes)
-    cont = sum(math.ceil(n / plan.continuous_targets) for n in per_task) * (
-        plan.delay_s + 1.5 * timing.batch(plan.continuous_batch))
+    cont = sum(math.ceil(n / plan.continuous_targets) * (plan.delay_s + 1.5 * timing.batch(c))
+               for n in per_task for c in plan.continuous_batches)
     return solo + plan.repeats * (2 * batched + cont)
 
 
@@ -117,7 +122,7 @@ def size_plan(timing: Timing, budget_s: float, max_num_seqs: int | None = None) 
     best = None
     for items in LADDER:
         sizes, cont, targets = shape_for(items, max_num_seqs)
-        plan = PreflightPlan(tasks_for(items), sizes, cont, targets, delay, budget_s=budget)
+        plan = PreflightPlan(tasks_for(items), sizes, [cont], targets, delay, budget_s=budget)
         plan.estimate_s = estimate(plan, timing)
         if best is None or plan.estimate_s <= budget:
             best = plan
@@ -130,6 +135,16 @@ def size_plan(timing: Timing, budget_s: float, max_num_seqs: int | None = None) 
                           f"about {best.estimate_s / 60:.1f} min")
         return best
     if best.items == LADDER[-1]:
+        for kind, size in GROW:
+            if max_num_seqs and size > max_num_seqs:
+                continue
+            field_ = "batch_sizes" if kind == "batch" else "continuous_batches"
+            if size in getattr(best, field_):
+                continue
+            trial = PreflightPlan(**{**best.__dict__, field_: sorted([*getattr(best, field_), size]), "notes": []})
+            trial.estimate_s = estimate(trial, timing)
+            if trial.estimate_s <= budget:
+                best = trial
         while best.repeats < MAX_REPEATS:
             trial = PreflightPlan(**{**best.__dict__, "repeats": best.repeats + 1, "notes": []})
             trial.estimate_s = estimate(trial, timing)
@@ -178,7 +193,7 @@ def study_text(name: str, output_dir: str, model: dict[str, Any], backend: dict[
                                         "options": {"metrics": metrics}})
     if continuous:
         lines += _table("[[dispatchers]]", {
-            "name": "continuous", "batch_sizes": [plan.continuous_batch],
+            "name": "continuous", "batch_sizes": plan.continuous_batches,
             "options": {"targets": plan.continuous_targets, "phase": "decode", "delay_s": plan.delay_s,
                         "fillers": f"builtin:{PROBES}", "filler_max_tokens": FILLER_MAX_TOKENS,
                         "arm": "prefill churn (short and long probes)", "metrics": metrics}})

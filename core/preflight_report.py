@@ -80,7 +80,7 @@ def write_outputs(run_dir: Path, target, plan, timing, results, warnings, note, 
     rd.write_atomic("preflight.json", json.dumps({
         "url": target.url, "origin": target.origin, "stack": target.stack, "known_bad": list(warnings),
         "note": note, "notes": target.notes, "timing": {"t1_s": timing.t1, "t4_s": timing.t4, "alpha": timing.alpha},
-        "plan": {"tasks": plan.tasks, "batch_sizes": plan.batch_sizes, "continuous_batch": plan.continuous_batch,
+        "plan": {"tasks": plan.tasks, "batch_sizes": plan.batch_sizes, "continuous_batches": plan.continuous_batches,
                  "continuous_targets": plan.continuous_targets, "repeats": plan.repeats,
                  "solo_repeats": plan.solo_repeats, "estimate_s": plan.estimate_s},
         "verdicts": [v.as_dict() for v in results], "started": started, "finished": finished,

@@ -101,7 +101,7 @@ def test_text_only_difference_and_errors_and_missing_conditions():
 def test_estimate_by_hand():
     timing = Timing(t1=2.0, t4=5.0)  # alpha = (5/2 - 1) / 3 = 0.5: a batch of b costs 2 * (1 + 0.5 (b - 1))
     assert timing.alpha == pytest.approx(0.5)
-    plan = PreflightPlan([("preflight_probes", 8)], [2, 4], 4, 1, 0.5, repeats=1, solo_repeats=2)
+    plan = PreflightPlan([("preflight_probes", 8)], [2, 4], [4], 1, 0.5, repeats=1, solo_repeats=2)
     solo = 8 * 2 * 2.0
     batched = 4 * timing.batch(2) + 2 * timing.batch(4)  # 4 groups of 2 (3 s), 2 groups of 4 (5 s)
     cont = 8 * (0.5 + 1.5 * timing.batch(4))
@@ -112,12 +112,15 @@ def test_estimate_by_hand():
 def test_sizing_grows_with_the_budget_and_stays_inside_it():
     timing = Timing(t1=1.0, t4=1.5)
     sizes = []
-    for budget in (60, 300, 1200, 20000):
+    for budget in (60, 300, 1200, 3000, 6000, 40000):
         plan = size_plan(timing, budget)
         assert plan.fits and plan.estimate_s <= 0.8 * budget
-        sizes.append((plan.items, plan.repeats))
+        sizes.append((plan.items, len(plan.batch_sizes) + len(plan.continuous_batches), plan.repeats))
     assert sizes == sorted(sizes) and sizes[0] < sizes[-1]
-    assert size_plan(timing, 20000).items == LADDER[-1] and size_plan(timing, 20000).repeats > 1
+    # with every item in, new batch sizes (new compositions) come before repeats (replays of the same groups)
+    assert sizes[3][0] == LADDER[-1] and sizes[3][2] == 1 and sizes[3][1] > 4
+    big = size_plan(timing, 40000)
+    assert big.repeats > 1 and 32 in big.batch_sizes and 32 in big.continuous_batches
 
 
 def test_sizing_too_small_a_budget_runs_the_smallest_and_says_so():
