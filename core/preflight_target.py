@@ -79,7 +79,8 @@ def local_gpu() -> str | None:
 
 def _tokenizer_for(tokenizer: str | None, stack: dict[str, Any], served: str) -> str | None:
     """A local tokenizer to render chat prompts with: --tokenizer, else the server's model root when it is a
-    checkpoint directory on this machine, else the served name when it looks like a hub id."""
+    checkpoint directory on this machine, else the server's model root or served name when it is a hub id whose
+    tokenizer is in the local hub cache (nothing is downloaded)."""
     from .models import resolve_model_path
 
     if tokenizer:
@@ -87,9 +88,22 @@ def _tokenizer_for(tokenizer: str | None, stack: dict[str, Any], served: str) ->
     root = stack.get("model_root")
     if isinstance(root, str) and (Path(root) / "config.json").is_file():
         return root
-    if served.count("/") == 1 and not served.startswith((".", "/", "~")):
-        return served
+    for name in (root, served):
+        if isinstance(name, str) and name.count("/") == 1 and not name.startswith((".", "/", "~")):
+            if _hub_cached(name):
+                return name
     return None
+
+
+def _hub_cached(repo_id: str) -> bool:
+    try:
+        from huggingface_hub import try_to_load_from_cache
+    except ImportError:
+        return False
+    try:
+        return isinstance(try_to_load_from_cache(repo_id, "tokenizer_config.json"), str)
+    except Exception:  # noqa: BLE001 - an odd name is simply not cached
+        return False
 
 
 def safe_name(text: str) -> str:

@@ -19,7 +19,7 @@ from typing import Any, Mapping, Sequence
 
 from . import stats as st
 from .analysis import pair
-from .analysis_pairs import first_divergence, prepare
+from .analysis_pairs import first_divergence, prepare, sha
 
 SOLO_REPEATS = "solo repeats"
 
@@ -68,7 +68,7 @@ def _errored(rec: Mapping[str, Any]) -> bool:
 def _changed(a: Mapping[str, Any], b: Mapping[str, Any]) -> tuple[bool, int | None]:
     ta, tb = a.get("output_token_ids"), b.get("output_token_ids")
     div = first_divergence(ta, tb)
-    text = (a.get("output_sha256") or a.get("output_text")) != (b.get("output_sha256") or b.get("output_text"))
+    text = sha(a) != sha(b)
     if div is None and text and ta is not None and tb is not None:
         div = min(len(ta), len(tb))  # same tokens but different text: the detokenised tail differs
     return (div is not None or text), div

@@ -255,6 +255,18 @@ def test_bad_numbers(tmp_path, capsys, args, needle):
     assert code == 2 and needle in _one_sentence(err)
 
 
+def test_tokenizer_is_found_locally_or_not_at_all(tmp_path, small_model_path):
+    from evalhost.preflight_target import _tokenizer_for
+
+    stack = empty_stack()
+    stack["model_root"] = small_model_path  # a vLLM server on this machine names its checkpoint directory
+    assert _tokenizer_for(None, stack, "smollm2") == small_model_path
+    stack["model_root"] = "/not/here"
+    assert _tokenizer_for(None, stack, "smollm2") is None
+    # a hub id that is not in the local cache is not fetched: prompts go as plain text instead
+    assert _tokenizer_for(None, stack, "evalhost-test/no-such-model-9f3c") is None
+
+
 def test_context_too_short_for_the_probes():
     from evalhost.errors import UserError
     from evalhost.preflight import check_context
