@@ -16,6 +16,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 from . import analysis as an
 from . import report_studies, report_study_d
+from .analysis_margins import margins as margins_summary, section as margins_section
 from .errors import UserError
 from .report_format import (_cell, _nan, compact as _compact, json_safe as _json_safe, num, pct,  # noqa: F401
                             not_comparable_text, pval, rate_ci, table)
@@ -199,6 +200,7 @@ def build_summary(records: Sequence[Mapping[str, Any]], adjudications: Mapping[s
     pairs = an.pair(records, flip_on)
     summary = an.summarize(records, adjudications, flip_on=flip_on)
     summary["label_pairs_by_scorer"] = label_pairs_by_scorer(records, pairs)
+    summary["margins"] = margins_summary(records, pairs)
     summary["study_d"] = [an.compare_backends(records, a, b, pairs=pairs, flip_on=flip_on)
                           for a, b, _ in an.comparable_backends(records, pairs)]
     if len(summary["counts"]["models"]) >= 2:
@@ -225,6 +227,7 @@ def _render(run_dir: Path, manifest: Mapping[str, Any], summary: Mapping[str, An
     else:
         parts.append("## Headline: batch vs solo\n\nNo batch record has its solo record (same model, backend, task, "
                      "item, repeat 0) yet, so there are no pairs to compare; run or resume the study's solo cells.")
+    parts += [s for s in [margins_section(summary.get("margins"))] if s]
     parts += report_study_d.section(summary["study_d"], made, summary.get("flip_on") or "label")
     if "study_b" in summary:
         parts.append(report_studies.study_b(summary["study_b"], made))
@@ -248,7 +251,8 @@ def _render(run_dir: Path, manifest: Mapping[str, Any], summary: Mapping[str, An
 
 
 def write_report(run_dir: str | Path, seed: int = 0, plots: bool = True) -> Path:
-    """Write ``report.md``, ``summary.json`` and ``plots/*.png`` into ``run_dir``; return the report's path."""
+    """Write ``report.md``, ``summary.json``, ``plots/*.png`` and ``report.html`` into ``run_dir``; return the
+    report's path."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise UserError(f"run directory {run_dir} does not exist; pass the directory `evalhost run` created")
@@ -275,6 +279,9 @@ def write_report(run_dir: str | Path, seed: int = 0, plots: bool = True) -> Path
     summary["plots"] = made
     summary["notes"] = notes
     RunDir(run_dir).write_atomic(SUMMARY, json.dumps(_json_safe(summary), indent=2, allow_nan=False) + "\n")
+    from .report_html import write_html
+
+    write_html(run_dir, summary, records, an.pair(records, summary["flip_on"]))  # report.html, atomic like report.md
     return report
 
 

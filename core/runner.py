@@ -189,6 +189,8 @@ def build_records(study: Study, run_id: str, done: GroupDone, fid: str, scorers:
             "prompt_sha256": sha256_text(prompt),
             "output_text": gen.text, "output_token_ids": list(gen.token_ids), "output_sha256": sha256_text(gen.text),
             "finish_reason": gen.finish_reason, "logprobs": gen.logprobs,
+            # [sampling] top_logprobs = k: per output token its k most likely [token, logprob], most likely first
+            **({"top_logprobs": gen.top_logprobs} if gen.top_logprobs is not None else {}),
             "scorer": scorer, "label": None if score is None else score.label,
             "score": None if score is None else score.value,
             "rationale": None if score is None else score.rationale, "scorer_error": scorer_error,

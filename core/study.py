@@ -32,6 +32,11 @@ _pos = lambda v: None if v >= 1 else "must be at least 1"  # noqa: E731
 _nonneg = lambda v: None if v >= 0 else "must not be negative"  # noqa: E731
 _unit = lambda v: None if 0 < v <= 1 else "must be in (0, 1]"  # noqa: E731
 _maxtok = lambda v: None if 1 <= v <= MAX_TOKENS else f"must be between 1 and {MAX_TOKENS}"  # noqa: E731
+# vLLM refuses more than max_logprobs (default 20: vllm/config/model.py, ModelConfig.max_logprobs) per token
+MAX_TOP_LOGPROBS = 20
+_top_logprobs = lambda v: None if 0 <= v <= MAX_TOP_LOGPROBS else (  # noqa: E731
+    f"must be between 0 (off) and {MAX_TOP_LOGPROBS} (vLLM's default max_logprobs); 2 or more gives the margin "
+    f"between the top two tokens")
 _repeats = lambda v: _pos(v) or (None if v <= MAX_REPEATS else f"must be at most {MAX_REPEATS}")  # noqa: E731
 _nonempty = lambda v: None if v.strip() else "must not be empty"  # noqa: E731
 
@@ -93,6 +98,7 @@ SCHEMA: dict[str, dict[str, tuple]] = {
         "max_tokens": (int, False, _maxtok),
         "seed": (int, False, None),
         "logprobs": (int, False, _nonneg),
+        "top_logprobs": (int, False, _top_logprobs),
     },
     "models": {
         "name": (str, True, _nonempty),
@@ -295,6 +301,7 @@ def parse_study(text: str, path: Path | None = None) -> Study:
         max_tokens=int(samp.get("max_tokens", 128)),
         seed=int(samp.get("seed", s.get("seed", 42))),
         logprobs=samp.get("logprobs"),
+        top_logprobs=int(samp.get("top_logprobs", 0)),
     )
     models = [ModelSpec(m["name"], m["path"], m.get("dtype"), m.get("alignment_type")) for m in data["models"]]
     _unique([m.name for m in models], "models", path)

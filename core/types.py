@@ -66,6 +66,7 @@ class Sampling:
     max_tokens: int = 128
     seed: int = 42
     logprobs: int | None = None
+    top_logprobs: int = 0  # k > 0: keep the k most likely tokens (id, logprob) at every output token; 0 = off
 
 
 @dataclass
@@ -84,6 +85,9 @@ class Generation:
     restarted: bool = False
     logprobs: list[float] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    # with Sampling.top_logprobs = k: per output token, its k most likely tokens as [token, logprob] pairs, most
+    # likely first; ``token`` is the token id (an int) or, where the server names tokens only by text, that text
+    top_logprobs: list[list[list[Any]]] | None = None
 
 
 @dataclass(frozen=True)

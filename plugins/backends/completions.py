@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import difflib
+import math
 import os
 import threading
 import time
@@ -387,9 +388,40 @@ def payload_for(model: str, prompt: str | list[str], sampling: Sampling, return_
     }
     if sampling.logprobs is not None:
         payload["logprobs"] = sampling.logprobs
+    if sampling.top_logprobs:
+        # the completions API's logprobs = k returns the k most likely tokens per output token
+        payload["logprobs"] = max(int(sampling.top_logprobs), int(sampling.logprobs or 0))
+        if return_token_ids:  # vLLM: name the top-k tokens "token_id:N", so they are ids like token_ids
+            payload["return_tokens_as_token_ids"] = True
     if return_token_ids:
         payload["return_token_ids"] = True
     return payload
+
+
+def parse_top_logprobs(lp: Any, k: int) -> list[list[list[Any]]] | None:
+    """The answer's ``logprobs.top_logprobs`` (one ``{token: logprob}`` dict per output token) as one list of
+    ``[token, logprob]`` per token, most likely first, at most ``k``; a token named ``token_id:N`` (vLLM's
+    ``return_tokens_as_token_ids``) becomes the int N, any other stays its text. None when the answer has no such
+    list or any entry is malformed (the margins then count the output as without top-k, never guess)."""
+    if k <= 0 or not isinstance(lp, dict) or not isinstance(lp.get("top_logprobs"), list):
+        return None
+    out: list[list[list[Any]]] = []
+    for step in lp["top_logprobs"]:
+        if step is None:  # a step the server gave no logprobs for
+            out.append([])
+            continue
+        if not isinstance(step, dict):
+            return None
+        entries = []
+        for token, value in step.items():
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                return None
+            if isinstance(token, str) and token.startswith("token_id:") and token[9:].isdigit():
+                token = int(token[9:])
+            entries.append([token, round(float(value), 6)])
+        entries.sort(key=lambda e: -e[1])
+        out.append(entries[:k])
+    return out
 
 
 # vLLM's HTTP server closes a connection idle for 5 s (VLLM_HTTP_TIMEOUT_KEEP_ALIVE), which is also httpx's default
@@ -526,7 +558,7 @@ class CompletionsBackend(Backend):
             self.start()
         return payload_for(self.served_model, prompt, sampling, bool(self._server_token_ids))
 
-    def _generation(self, choice: dict[str, Any], out: Outcome) -> Generation:
+    def _generation(self, choice: dict[str, Any], out: Outcome, top_k: int = 0) -> Generation:
         token_ids = choice.get("token_ids")
         if not isinstance(token_ids, list):
             tok = self.tokenizer()
@@ -535,6 +567,7 @@ class CompletionsBackend(Backend):
         lp = choice.get("logprobs")
         if isinstance(lp, dict) and isinstance(lp.get("token_logprobs"), list):
             logprobs = lp["token_logprobs"]
+        top = parse_top_logprobs(lp, top_k)
         extra: dict[str, Any] = {}
         if out.attempts > 1:
             extra["first_sent"] = out.first_sent
@@ -550,6 +583,7 @@ class CompletionsBackend(Backend):
             restarted=out.restarted,
             logprobs=logprobs,
             extra=extra,
+            top_logprobs=top,
         )
 
     def generate(self, prompts: list[str], sampling: Sampling) -> list[Generation]:
@@ -558,11 +592,11 @@ class CompletionsBackend(Backend):
             return []
         prompt: str | list[str] = prompts[0] if len(prompts) == 1 else list(prompts)
         out = self.client_or_start().complete(self._payload(prompt, sampling), len(prompts))
-        return [self._generation(choice, out) for choice in out.choices]
+        return [self._generation(choice, out, sampling.top_logprobs) for choice in out.choices]
 
     async def agenerate(self, prompt: str, sampling: Sampling) -> Generation:
         out = await self.client_or_start().acomplete(self._payload(prompt, sampling), 1)
-        return self._generation(out.choices[0], out)
+        return self._generation(out.choices[0], out, sampling.top_logprobs)
 
     def client_or_start(self) -> CompletionsClient:
         if self.client is None:

@@ -5,6 +5,10 @@ prompt is a batch of one (solo), on several prompts ONE left-padded ``generate``
 tokenizer has none).  Prompts are already rendered, so they are tokenized with ``add_special_tokens=False``.
 Greedy when ``temperature == 0``, else sampling seeded with ``torch.manual_seed(sampling.seed)``.
 
+With ``[sampling] top_logprobs = k`` each generation also carries ``top_logprobs``: per generated token its k most
+likely tokens ``[token id, logprob]`` from the raw logits (``output_logits``; log-softmax over the vocabulary, before
+temperature or top-p, as vLLM's default raw logprobs), most likely first.
+
 ``token_ids`` are the generated tokens only, up to and including the first eos (as vLLM's ``return_token_ids``
 reports them), never the padding after it; ``finish_reason`` is ``stop`` when an eos was generated, else
 ``length``.
@@ -184,6 +188,9 @@ class HFBackend(Backend):
             torch.manual_seed(int(sampling.seed))
         if sampling.logprobs is not None:
             kwargs.update(output_scores=True, return_dict_in_generate=True)
+        top_k = int(sampling.top_logprobs or 0)
+        if top_k:  # the raw logits (before temperature / top-p), like vLLM's default raw logprobs
+            kwargs.update(output_logits=True, return_dict_in_generate=True)
         sent = time.time()
         ftz = bool(getattr(self, "flush_denormal", False)) and torch.set_flush_denormal(True)
         try:
@@ -196,6 +203,7 @@ class HFBackend(Backend):
         sequences = out.sequences if hasattr(out, "sequences") else out
         new = sequences[:, enc["input_ids"].shape[1]:].tolist()
         eos_set = set(eos)
+        top = _top_logprobs(out, top_k)
         results = []
         for row, ids in enumerate(new):
             cut = next((i for i, t in enumerate(ids) if t in eos_set), None)
@@ -213,6 +221,7 @@ class HFBackend(Backend):
                 timings={"sent": sent, "finished": finished},
                 logprobs=logprobs,
                 extra={"batch_size": len(prompts), "prompt_tokens": int(enc["attention_mask"][row].sum())},
+                top_logprobs=None if top is None else _row_top(top, row, len(gen_ids)),
             ))
         return results
 
@@ -248,6 +257,28 @@ class HFBackend(Backend):
             "env": {k: os.environ[k] for k in ENV_FLAGS if k in os.environ},
         }
         return fp
+
+
+def _top_logprobs(out: Any, k: int):
+    """(logprobs, ids) tensors of shape [steps, batch, k]: the k most likely tokens at every generated step, from
+    the raw logits (log-softmax over the vocabulary); None when off or the output has no logits."""
+    logits = getattr(out, "logits", None) if k else None
+    if not logits:
+        return None
+    import torch
+
+    values, ids = [], []
+    for step in logits:  # [batch, vocab] per step: one step at a time keeps the extra memory small
+        v, i = torch.log_softmax(step.float(), dim=-1).topk(min(k, step.shape[-1]), dim=-1)
+        values.append(v.tolist())
+        ids.append(i.tolist())
+    return values, ids
+
+
+def _row_top(top, row: int, n: int) -> list[list[list[Any]]]:
+    """Row ``row``'s first ``n`` steps as ``[[token id, logprob], ...]`` per token (logprobs to 6 decimals)."""
+    values, ids = top
+    return [[[int(t), round(float(v), 6)] for t, v in zip(ids[i][row], values[i][row])] for i in range(n)]
 
 
 def _version(dist: str) -> str | None:
