@@ -152,3 +152,10 @@ def test_committed_h100_runs_still_load():
             lines = sum(1 for raw in fh if raw.strip())
         assert len(read_records(path, checked=True)) == lines, path
     assert MAX_LINE_BYTES >= 2**20 and GZIP_RATIO_FLOOR >= 2**20
+
+
+def test_oversized_manifest_is_refused_not_loaded(toy_run, toy_env):
+    _, run_dir = toy_run
+    with (run_dir / "manifest.json").open("w") as fh:
+        fh.write('{"pad": "' + "x" * (65 * 2**20) + '"}')
+    _one_sentence(_evalhost(["validate", str(run_dir)], toy_env), word="larger than")
