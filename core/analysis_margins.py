@@ -38,8 +38,8 @@ from typing import Any, Mapping, Sequence
 from . import stats as st
 
 TIE_MARGIN = 0.125
-THRESHOLD_BASIS = ("one bfloat16 step for logits in [16, 32) (2**4 x eps 2**-7 = 0.125; SmolLM2-135M's top logits: "
-                   "median 23.2)")
+THRESHOLD_BASIS = ("one bfloat16 step for logits in [16, 32), 2**4 x 2**-7, where SmolLM2-135M's top logits lie: "
+                   "median 23.2")
 # histogram edges in nats (powers of two, the tie threshold among them); the last bin is [4, inf)
 BIN_EDGES = (0.0, 2 ** -6, 2 ** -4, 2 ** -3, 2 ** -2, 2 ** -1, 1.0, 2.0, 4.0)
 REASONS = ("no_top_logprobs", "no_token_ids", "solo_ended", "fewer_than_2")
@@ -178,10 +178,12 @@ def section(m: Mapping[str, Any] | None) -> str | None:
     thr = m["threshold"]
     out = ["## Logprob margins at the divergence", "",
            f"For each text change, the solo output's margin between its two most likely tokens at the first "
-           f"divergent token (top-1 minus top-2 logprob, in nats). A **tie flip** has a margin below {thr:g} "
+           f"divergent token (top-1 minus top-2 logprob, in nats). A **tie flip** has a margin below {thr:g} nats "
            f"({m.get('threshold_basis', '')}): a gap that one rounding of a logit can close, so the batch "
            f"changed an arithmetic coin toss, not the model's choice. A **non-tie flip** has a larger margin. "
            f"Unknown: no margin could be read (reasons in the last column).", ""]
+    if not m["overall"]["changes"]:
+        return "\n".join(out + ["No comparable pair changed its text, so there is no divergence to look at."])
     rows = []
     for b in m["by_backend"] + ([{"backend": "all", **m["overall"]}] if len(m["by_backend"]) > 1 else []):
         reasons = ", ".join(f"{k} {v}" for k, v in b["unknown_reasons"].items()) or "—"

@@ -52,7 +52,10 @@ _JS = r"""
     if (text !== undefined && text !== null) { e.textContent = String(text); }
     return e;
   }
-  function fmt(v) { return v === null || v === undefined ? "\u2014" : (typeof v === "object" ? JSON.stringify(v) : String(v)); }
+  function fmt(v) {
+    if (v === null || v === undefined) { return "\u2014"; }
+    return typeof v === "object" ? JSON.stringify(v) : String(v);
+  }
   function cut(a, b) {
     var x = Array.from(a || ""), y = Array.from(b || ""), i = 0;
     while (i < x.length && i < y.length && x[i] === y[i]) { i++; }
@@ -74,7 +77,8 @@ _JS = r"""
     var box = el("div", "detail-box"), at = cut(r.solo_text, r.batch_text);
     var panes = el("div", "panes");
     panes.appendChild(pane("Solo", r.solo_text, at));
-    panes.appendChild(pane("Batch (" + fmt(r.dispatcher) + ", batch size " + fmt(r.batch_size) + ")", r.batch_text, at));
+    var where = "Batch (" + fmt(r.dispatcher) + ", batch size " + fmt(r.batch_size) + ")";
+    panes.appendChild(pane(where, r.batch_text, at));
     box.appendChild(panes);
     var dl = el("dl", "facts");
     var margin = r.margin === null ? "unknown" + (r.margin_reason ? " (" + r.margin_reason + ")" : "")
@@ -108,7 +112,9 @@ _JS = r"""
     tr.tabIndex = 0;
     tr.setAttribute("aria-expanded", "false");
     tr.dataset.index = String(i);
-    [r.task, r.backend, r.dispatcher, r.batch_size, r.item_id].forEach(function (v) { tr.appendChild(el("td", null, fmt(v))); });
+    [r.task, r.backend, r.dispatcher, r.batch_size, r.item_id].forEach(function (v) {
+      tr.appendChild(el("td", null, fmt(v)));
+    });
     tr.appendChild(el("td", "kind-" + r.kind, kinds[r.kind] || r.kind));
     tr.appendChild(el("td", null, fmt(r.solo_label) + " \u2192 " + fmt(r.batch_label)));
     tr.appendChild(el("td", r.margin_class === "tie" ? "tie" : null,

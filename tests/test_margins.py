@@ -263,3 +263,9 @@ def test_vllm_top_logprobs_are_token_ids(vllm_server):
     sampling = Sampling(max_tokens=8, top_logprobs=3)
     gens = backend.generate(prompts, sampling) + [backend.generate([prompts[0]], sampling)[0]]
     _check_top(gens, 3, len(tok))
+
+
+def test_margin_section_without_text_changes():
+    records = [r for r in synthetic() if r["item_id"] == "E"]  # one unchanged pair, solo with top-k
+    text = section(margins(records, pair(records)))
+    assert "No comparable pair changed its text" in text and "| Backend |" not in text
