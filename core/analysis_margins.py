@@ -6,18 +6,22 @@ likely ``[token, logprob]`` pairs, most likely first.  For every comparable pair
 minus its top-2 logprob at token *d*: how far the solo run's choice was from its runner-up.  A log-softmax
 difference is a logit difference (the normaliser cancels), so the margin is in logit units (nats).
 
-* **tie flip**: margin < ``threshold`` (default :data:`TIE_MARGIN` = 0.125); **non-tie flip**: margin >= threshold;
-  **unknown**: no margin, with a reason: ``no_top_logprobs`` (the solo record has none: the option was off),
+* **tie flip**: margin <= ``threshold`` (default :data:`TIE_MARGIN` = 0.125 nats); **non-tie flip**: margin above
+  it; **unknown**: no margin, with a reason: ``no_top_logprobs`` (the solo record has none: the option was off),
   ``no_token_ids`` (no first divergent token), ``solo_ended`` (the solo output is a prefix of the batched one, so it
   has no token at *d*), ``fewer_than_2`` (fewer than two candidates stored at *d*).
-* **Why 0.125.** ``torch.finfo(torch.bfloat16).eps`` is 2**-7 (bfloat16 keeps 7 stored fraction bits: Google Cloud
-  TPU documentation, "The bfloat16 numerical format", https://cloud.google.com/tpu/docs/bfloat16), so adjacent
-  bfloat16 numbers in [16, 32) are 2**4 * 2**-7 = 0.125 apart.  The top logits of the shipped SmolLM2-135M lie
-  there: over 4 short chat prompts x 16 greedy tokens we measured top logits from 8.5 to 38.0, median 23.2.  A gap
-  below one bfloat16 step at that size can be closed or reversed by the rounding of a single logit, i.e. by the
-  arithmetic (a reduction order that changes with the batch), not by the model's preference.  float16 steps there
-  are 2**-6 = 0.0156 and float32 steps 2**-19, so for float16/float32 serving 0.125 is generous: it calls a change a
-  tie whenever the model's choice was within about one bfloat16 rounding.  Pass ``threshold`` to use another.
+* **Why 0.125, inclusive.** ``torch.finfo(torch.bfloat16).eps`` is 2**-7 (bfloat16 keeps 7 stored fraction bits:
+  Google Cloud TPU documentation, "The bfloat16 numerical format", https://cloud.google.com/tpu/docs/bfloat16), so
+  adjacent bfloat16 numbers in [16, 32) are 2**4 * 2**-7 = 0.125 apart.  The top logits of the shipped
+  SmolLM2-135M lie there: over 4 short chat prompts x 16 greedy tokens (hf, float32) we measured top logits from
+  8.5 to 38.0, median 23.2.  Logits computed in bfloat16 are multiples of that step, so two candidates one step
+  apart are as close as two different values can be; a rounding of either logit (its error is up to half a step)
+  can make them equal, and the batch-dependent arithmetic before it (reduction order) can swap them.  Measured on
+  the quickstart study (24 items, solo vs prompt_list 4 and 8, max_tokens 40) with the hf backend in bfloat16 on
+  CPU: all 15 text changes had solo margins of 0, 0.125 or 0.25 nats (6, 7 and 2 of them), and in 10 the batch
+  took the solo runner-up; the float32 run of the same study changed no text.  So the default calls a change a tie
+  when the solo choice was at most one bfloat16 step ahead.  float16 steps in [16, 32) are 2**-6 = 0.0156 and
+  float32 steps 2**-19: for those dtypes 0.125 is generous.  Pass ``threshold`` to use another.
 * Each change also records ``batch_rank``: where the batched side's token at *d* stood in the solo side's top-k
   (2 = the solo run's runner-up won), and ``top1_is_chosen`` (whether the solo top-1 is the solo token, as greedy
   decoding guarantees up to exact ties).
@@ -40,7 +44,8 @@ from . import stats as st
 TIE_MARGIN = 0.125
 THRESHOLD_BASIS = ("one bfloat16 step for logits in [16, 32), 2**4 x 2**-7, where SmolLM2-135M's top logits lie: "
                    "median 23.2")
-# histogram edges in nats (powers of two, the tie threshold among them); the last bin is [4, inf)
+# histogram bins in nats: exactly 0 (an exact tie), then (a, b] between these powers of two (the tie threshold
+# among them), then above 4
 BIN_EDGES = (0.0, 2 ** -6, 2 ** -4, 2 ** -3, 2 ** -2, 2 ** -1, 1.0, 2.0, 4.0)
 REASONS = ("no_top_logprobs", "no_token_ids", "solo_ended", "fewer_than_2")
 CLASSES = ("tie", "non_tie", "unknown")
@@ -72,7 +77,7 @@ def margin_of(entries: Sequence[tuple[Any, float]] | None) -> float | None:
 def classify(margin: float | None, threshold: float = TIE_MARGIN) -> str:
     if margin is None:
         return "unknown"
-    return "tie" if margin < threshold else "non_tie"
+    return "tie" if margin <= threshold else "non_tie"
 
 
 def _token_at(rec: Mapping[str, Any], index: int) -> Any:
@@ -115,11 +120,10 @@ def change_row(solo: Mapping[str, Any], batch: Mapping[str, Any], p: Mapping[str
 
 
 def histogram(margins: Sequence[float]) -> list[int]:
-    """Counts per bin of :data:`BIN_EDGES` (bin i is [edge i, edge i+1); the last is [4, inf))."""
-    counts = [0] * len(BIN_EDGES)
+    """Counts per bin: [exactly 0, (0, 2**-6], (2**-6, 2**-4], ..., (2, 4], above 4] (:func:`bin_labels`)."""
+    counts = [0] * (len(BIN_EDGES) + 1)
     for m in margins:
-        i = max(j for j, e in enumerate(BIN_EDGES) if m >= e) if m >= 0 else 0
-        counts[i] += 1
+        counts[next((j for j, e in enumerate(BIN_EDGES) if m <= e), len(BIN_EDGES))] += 1
     return counts
 
 
@@ -127,7 +131,7 @@ def bin_labels() -> list[str]:
     def f(x: float) -> str:
         return f"{x:g}"
 
-    return [f"[{f(a)}, {f(b)})" for a, b in zip(BIN_EDGES, BIN_EDGES[1:])] + [f">= {f(BIN_EDGES[-1])}"]
+    return ["0"] + [f"({f(a)}, {f(b)}]" for a, b in zip(BIN_EDGES, BIN_EDGES[1:])] + [f"> {f(BIN_EDGES[-1])}"]
 
 
 def _aggregate(rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
@@ -178,10 +182,10 @@ def section(m: Mapping[str, Any] | None) -> str | None:
     thr = m["threshold"]
     out = ["## Logprob margins at the divergence", "",
            f"For each text change, the solo output's margin between its two most likely tokens at the first "
-           f"divergent token (top-1 minus top-2 logprob, in nats). A **tie flip** has a margin below {thr:g} nats "
-           f"({m.get('threshold_basis', '')}): a gap that one rounding of a logit can close, so the batch "
-           f"changed an arithmetic coin toss, not the model's choice. A **non-tie flip** has a larger margin. "
-           f"Unknown: no margin could be read (reasons in the last column).", ""]
+           f"divergent token (top-1 minus top-2 logprob, in nats). A **tie flip** has a margin of at most "
+           f"{thr:g} nats ({m.get('threshold_basis', '')}): the two tokens were within one rounding step, so the "
+           f"batch's different arithmetic could swap them; it says little about the model. A **non-tie flip** has "
+           f"a larger margin. Unknown: no margin could be read (reasons in the last column).", ""]
     if not m["overall"]["changes"]:
         return "\n".join(out + ["No comparable pair changed its text, so there is no divergence to look at."])
     rows = []
@@ -190,7 +194,7 @@ def section(m: Mapping[str, Any] | None) -> str | None:
         med = b["median_margin"]
         rows.append([b["backend"], b["changes"], b["tie"], b["non_tie"], rate_ci(b["tie_share"]),
                      "n/a" if med is None else f"{med:.4g}", b["batch_rank_2"], f"{b['unknown']} ({reasons})"])
-    out.append(table(["Backend", "Text changes", f"Tie flips (< {thr:g})", "Non-tie flips", "Tie share [95% CI]",
+    out.append(table(["Backend", "Text changes", f"Tie flips (<= {thr:g})", "Non-tie flips", "Tie share [95% CI]",
                       "Median margin", "Batch took the solo runner-up", "Unknown"], rows))
     labels = m.get("bin_labels") or bin_labels()
     out += ["", "Margins (nats) per backend:", "",

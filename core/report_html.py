@@ -200,7 +200,7 @@ def _margins(m: Mapping[str, Any] | None) -> str:
             for b in m["by_backend"]]
     thr = m["threshold"]
     return (f"<p>Margin = the solo output's top-1 minus top-2 logprob at the first divergent token. Tie flip: "
-            f"margin below {_e(f'{thr:g}')} nats ({_e(m.get('threshold_basis'))}).</p>"
+            f"margin of at most {_e(f'{thr:g}')} nats ({_e(m.get('threshold_basis'))}).</p>"
             + _table(["Backend", "Text changes", "Tie flips", "Non-tie flips", "Tie share [95% CI]", "Median margin",
                       "Unknown"], rows)
             + _table(["Backend"] + list(m.get("bin_labels") or []),

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from evalhost.analysis import pair
-from evalhost.analysis_margins import TIE_MARGIN, histogram, margins, section
+from evalhost.analysis_margins import TIE_MARGIN, bin_labels, classify, histogram, margins, section
 from evalhost.errors import UserError
 from evalhost.plugins.backends.completions import parse_top_logprobs, payload_for
 from evalhost.study import parse_study
@@ -130,8 +130,8 @@ def test_margins_against_hand_computed_values():
     lo, hi = proportion_confint(1, 2, method="wilson")
     assert b1["tie_share"]["rate"] == 0.5
     assert b1["tie_share"]["lo"] == pytest.approx(lo) and b1["tie_share"]["hi"] == pytest.approx(hi)
-    # 0.05 lies in [2**-6, 2**-4) (bin 1), 4.6 in [4, inf) (bin 8)
-    assert b1["histogram"] == [0, 1, 0, 0, 0, 0, 0, 0, 1]
+    # 0.05 lies in (2**-6, 2**-4] (bin 2), 4.6 above 4 (bin 9)
+    assert b1["histogram"] == [0, 0, 1, 0, 0, 0, 0, 0, 0, 1]
     assert b1["batch_rank_2"] == 2
     b2 = next(x for x in m["by_backend"] if x["backend"] == "b2")
     assert (b2["changes"], b2["tie"], b2["unknown"], b2["tie_share"]["n"]) == (1, 0, 1, 0)
@@ -140,14 +140,20 @@ def test_margins_against_hand_computed_values():
     assert margins(records, pair(records), threshold=0.01)["rows"][0]["class"] == "non_tie"
 
 
-def test_histogram_edges():
-    assert histogram([0.0, 2 ** -6, 0.1249, 0.125, 3.99, 4.0, 100.0]) == [1, 1, 1, 1, 0, 0, 0, 1, 2]
+def test_histogram_edges_and_the_inclusive_threshold():
+    # bins: 0 | (0, 1/64] | (1/64, 1/16] | (1/16, 1/8] | (1/8, 1/4] | ... | (2, 4] | > 4
+    assert histogram([0.0, 2 ** -6, 0.1249, 0.125, 0.1251, 3.99, 4.0, 100.0]) == [1, 1, 0, 2, 1, 0, 0, 0, 2, 1]
+    assert len(bin_labels()) == 10 and bin_labels()[0] == "0" and bin_labels()[3] == "(0.0625, 0.125]"
+    assert bin_labels()[-1] == "> 4"
+    # bfloat16 logits in [16, 32) are multiples of 0.125: one step apart is a tie, two steps is not
+    assert classify(0.125) == "tie" and classify(0.0) == "tie" and classify(0.25) == "non_tie"
+    assert classify(None) == "unknown"
 
 
 def test_margin_section_in_markdown():
     records = synthetic()
     text = section(margins(records, pair(records)))
-    assert "## Logprob margins at the divergence" in text and "Tie flips (< 0.125)" in text
+    assert "## Logprob margins at the divergence" in text and "Tie flips (<= 0.125)" in text
     assert "| b1 | 3 | 1 | 1 | 50.0% [" in text
     assert "solo_ended 1" in text and "no_top_logprobs 1" in text
     no_topk = [{k: v for k, v in r.items() if k != "top_logprobs"} for r in records]
