@@ -249,6 +249,22 @@ def _expand_matrix(label: str, plugin: str, options: dict, matrix: dict, where: 
     return out
 
 
+def _not_plain(value: Any, where: str) -> str | None:
+    """Where a TOML date/time sits in ``value`` (options end up in JSON records and manifests), or None."""
+    import datetime as dt
+
+    stack = [(value, where)]
+    while stack:
+        node, at = stack.pop()
+        if isinstance(node, (dt.date, dt.time)):  # datetime is a date
+            return at
+        if isinstance(node, dict):
+            stack += [(v, f"{at}.{k}") for k, v in node.items()]
+        elif isinstance(node, list):
+            stack += [(v, f"{at}[{n}]") for n, v in enumerate(node)]
+    return None
+
+
 def _depth(data: Any) -> int:
     """How deeply tables and arrays nest (without recursion: the input may be thousands of levels deep)."""
     deepest, stack = 0, [(data, 1)]
@@ -293,6 +309,13 @@ def parse_study(text: str, path: Path | None = None) -> Study:
             form = f"[{key}]" if TOP[key] == "table" else f"[[{key}]]"
             raise _fail(path, f"missing required section '{key}'; add a {form} section")
 
+    for key in ("backends", "dispatchers", "tasks"):
+        for i, t in enumerate(data[key] if key in data else []):
+            for sub in ("options", "matrix", "scorer_options"):
+                where = _not_plain(t.get(sub), f"{key}[{i}].{sub}")
+                if where:
+                    raise _fail(path, f"'{where[:80]}' is a TOML date or time, which options cannot carry (they are "
+                                      f"recorded as JSON); write it as a string")
     s = data["study"]
     samp = data.get("sampling", {})
     sampling = Sampling(

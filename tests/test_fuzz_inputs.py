@@ -589,13 +589,14 @@ def test_study_name_is_one_safe_path_component(world, case, tmp_path):
     Before, 'a/b' crashed with FileNotFoundError and '../../X' or '/abs' put the run outside output_dir. A real run
     is refused before anything is created."""
     name, needle = NAMES[case]
+    name = str(tmp_path / "abs") if name == "/tmp/evalhost-abs" else name  # an escape would stay in tmp_path
     study = toy_base(world)
     study["study"]["name"] = name
     study["study"]["output_dir"] = str(tmp_path / "out" / "runs")
     path = _write_study(world, study)
     _refused(world, ["run", str(path), "--dry-run"], case, needle)
     _refused(world, ["run", str(path), "--quiet", "--no-report"], case, needle)
-    assert not (tmp_path / "out").exists() and not list(tmp_path.parent.glob("X-*"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # no run directory, nor an escaped one
 
 
 def test_study_name_at_the_limit_is_fine(world, tmp_path):
@@ -788,3 +789,14 @@ def test_candidates_command_refuses_missing_run_and_missing_folder(world, tmp_pa
     code, out, err = run_cli(["candidates", str(world["run_dir"]), "-o", str(tmp_path / "ok.jsonl")])
     assert code == 0 and "candidate rows" in out, err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ok.jsonl", "taken.jsonl"]  # no temp file left
+
+
+@pytest.mark.parametrize("where", ["matrix", "options"])
+def test_a_toml_datetime_in_backend_options_is_one_sentence(world, tmp_path, where):
+    """Options are recorded as JSON; a TOML datetime there crashed the real run (found by test_fuzz_property)."""
+    study = toy_base(world)
+    study["study"]["output_dir"] = str(tmp_path)
+    study["backends"][0][where] = {"when": [DATETIME] if where == "matrix" else {"nested": [1, DATETIME]}}
+    path = _write_study(world, study)
+    _refused(world, ["run", str(path), "--quiet", "--no-report"], where, "is a TOML date or time")
+    assert list(tmp_path.iterdir()) == []
