@@ -4,7 +4,9 @@ Options: ``base_url`` (required, e.g. ``http://127.0.0.1:8000`` or ``.../v1``), 
 required), ``api_key_env`` (the NAME of the environment variable holding the key — the key itself is read at start,
 kept only in the HTTP client's Authorization header, and never written to records, manifests, logs or errors),
 ``chat_template`` / ``tokenizer`` (render with a local tokenizer: the option ``tokenizer`` or the ModelSpec path),
-``request_timeout_s``, ``max_retries``, ``backoff_s``, ``return_token_ids`` (``auto`` probes the endpoint).
+``request_timeout_s`` (the deadline of one request, the whole answer included; unset: 120 s + 1 s per
+``max_tokens`` token, see :mod:`.completions`), ``max_retries``, ``backoff_s``, ``return_token_ids`` (``auto`` probes
+the endpoint).
 
 ``generate(prompts)`` is one request with the prompt list; ``agenerate`` one async single-prompt request.
 Nothing is restarted here: failures are retried with bounded backoff, then a :class:`RunError`.
