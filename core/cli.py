@@ -295,6 +295,14 @@ def one_line(text: str) -> str:
     return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
+MAX_ERROR = 290  # characters of the one error line (a name or path from the input may be very long)
+
+
+def _at_most(text: str, n: int = MAX_ERROR) -> str:
+    """``text`` elided in the middle to ``n`` characters: the problem's start and the fix at the end stay."""
+    return text if len(text) <= n else f"{text[:n - 105]} [...] {text[-100:]}"
+
+
 def main(argv=None) -> None:
     try:
         cli.main(args=argv, prog_name="evalhost", standalone_mode=False)
@@ -304,7 +312,7 @@ def main(argv=None) -> None:
         exc.show()
         sys.exit(2 if isinstance(exc, click.UsageError) else exc.exit_code)
     except UserError as exc:
-        click.echo(f"error: {one_line(str(exc))}", err=True)
+        click.echo(f"error: {_at_most(one_line(str(exc)))}", err=True)
         sys.exit(exc.exit_code)
     except RunError as exc:
         click.echo(f"error: {exc}", err=True)

@@ -51,6 +51,15 @@ SYSTEM_TREES = ("/bin", "/boot", "/dev", "/etc", "/lib", "/lib32", "/lib64", "/l
 SYSTEM_ROOTS = ("/", "/home", "/media", "/mnt", "/opt", "/srv", "/var")  # themselves only (not what is below)
 
 
+def _label(v: str) -> str | None:
+    """Names and labels of models, backends, dispatchers, tasks, scorers: they become part of cell ids, record keys
+    and log file names."""
+    return _nonempty(v) or (None if len(v) <= MAX_NAME else f"must be at most {MAX_NAME} characters")
+
+
+MAX_LABEL = 150  # a backend configuration's label: "name[axis=value,...]" (it names the server's log file)
+
+
 def _study_name(v: str) -> str | None:
     """The run directory is ``output_dir/NAME-TIMESTAMP``: the name must be one harmless path component."""
     if not v or len(v) > MAX_NAME:
@@ -60,6 +69,12 @@ def _study_name(v: str) -> str | None:
     if not set(v) <= NAME_CHARS:
         return "may only use letters, digits, '.', '_' and '-' (it names the run directory); e.g. \"my_study\""
     return None
+
+
+def _cut(text: Any, n: int = 40) -> str:
+    """A key or name from the file, cut to about ``n`` characters for an error sentence."""
+    text = str(text)
+    return text if len(text) <= n else f"{text[:n - 3]}... ({len(text)} characters)"
 
 
 def _shown(value: Any, n: int = 60) -> str:
@@ -101,29 +116,29 @@ SCHEMA: dict[str, dict[str, tuple]] = {
         "top_logprobs": (int, False, _top_logprobs),
     },
     "models": {
-        "name": (str, True, _nonempty),
+        "name": (str, True, _label),
         "path": (str, True, _nonempty),
         "dtype": (str, False, _enum(*DTYPES)),
         "alignment_type": (str, False, None),
     },
     "backends": {
-        "name": (str, True, _nonempty),
-        "label": (str, False, _nonempty),
+        "name": (str, True, _label),
+        "label": (str, False, _label),
         "options": (dict, False, None),
         "matrix": (dict, False, None),
     },
     "dispatchers": {
-        "name": (str, True, _nonempty),
-        "label": (str, False, _nonempty),
+        "name": (str, True, _label),
+        "label": (str, False, _label),
         "batch_sizes": (list, False, _batch_sizes),
         "options": (dict, False, None),
     },
     "tasks": {
-        "name": (str, True, _nonempty),
+        "name": (str, True, _label),
         "source": (str, True, _nonempty),
         "limit": (int, False, _pos),
         "domain": (str, False, _enum(*DOMAINS)),
-        "scorer": (str, False, _nonempty),
+        "scorer": (str, False, _label),
         "scorer_options": (dict, False, None),
         "options": (dict, False, None),
     },
@@ -201,7 +216,7 @@ def _check_table(table: Any, schema: dict[str, tuple], where: str, path: Path | 
         if key not in schema:
             hint = difflib.get_close_matches(key, list(schema), n=1)
             extra = f" (did you mean '{where}.{hint[0]}'?)" if hint else f"; allowed: {', '.join(schema)}"
-            raise _fail(path, f"unknown key '{where}.{key}'{extra}")
+            raise _fail(path, f"unknown key '{where}.{_cut(key)}'{extra}")
     for key, (typ, required, check) in schema.items():
         if key not in table:
             if required:
@@ -224,7 +239,7 @@ def _unique(names: list[str], what: str, path: Path | None) -> None:
     seen = set()
     for n in names:
         if n in seen:
-            raise _fail(path, f"two {what} are named '{n}'; give each a unique name (or label)")
+            raise _fail(path, f"two {what} are named '{_cut(n)}'; give each a unique name (or label)")
         seen.add(n)
 
 
@@ -234,9 +249,9 @@ def _expand_matrix(label: str, plugin: str, options: dict, matrix: dict, where: 
     keys = list(matrix)
     for k in keys:
         if not isinstance(matrix[k], list) or not matrix[k]:
-            raise _fail(path, f"'{where}.matrix.{k}' must be a non-empty list of option values")
+            raise _fail(path, f"'{where}.matrix.{_cut(k)}' must be a non-empty list of option values")
         if k in options:
-            raise _fail(path, f"'{k}' is set both in '{where}.options' and '{where}.matrix'; keep one")
+            raise _fail(path, f"'{_cut(k)}' is set both in '{where}.options' and '{where}.matrix'; keep one")
     n = math.prod(len(matrix[k]) for k in keys)  # counted before anything is expanded
     if n > MAX_BACKEND_CONFIGS:
         raise _fail(path, f"'{where}.matrix' makes {n} backend configurations ({len(keys)} axes), more than the "
@@ -245,6 +260,10 @@ def _expand_matrix(label: str, plugin: str, options: dict, matrix: dict, where: 
     for values in itertools.product(*(matrix[k] for k in keys)):
         axes = dict(zip(keys, values))
         tag = ",".join(f"{k}={v}" for k, v in axes.items())
+        if len(label) + len(tag) + 2 > MAX_LABEL:
+            raise _fail(path, f"'{where}.matrix' makes a configuration label of {len(label) + len(tag) + 2} "
+                              f"characters ({_cut(tag)}); use shorter axis names and values (at most {MAX_LABEL} "
+                              f"characters in all)")
         out.append(BackendConfig(f"{label}[{tag}]", plugin, {**options, **axes}, axes))
     return out
 
@@ -292,7 +311,7 @@ def parse_study(text: str, path: Path | None = None) -> Study:
         if key not in TOP:
             hint = difflib.get_close_matches(key, list(TOP), n=1)
             extra = f" (did you mean '{hint[0]}'?)" if hint else f"; allowed: {', '.join(TOP)}"
-            raise _fail(path, f"unknown top-level key '{key}'{extra}")
+            raise _fail(path, f"unknown top-level key '{_cut(key)}'{extra}")
     for key, kind in TOP.items():
         if key not in data:
             continue

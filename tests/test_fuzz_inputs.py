@@ -800,3 +800,26 @@ def test_a_toml_datetime_in_backend_options_is_one_sentence(world, tmp_path, whe
     path = _write_study(world, study)
     _refused(world, ["run", str(path), "--quiet", "--no-report"], where, "is a TOML date or time")
     assert list(tmp_path.iterdir()) == []
+
+
+LONG = "k" * 1000
+LONG_PLACES = {
+    "a top-level key": (lambda s: s.__setitem__(LONG, 1), "unknown top-level key"),
+    "a study key": (lambda s: s["study"].__setitem__(LONG, 1), "unknown key 'study.kkk"),
+    "a backend name": (lambda s: s["backends"][0].__setitem__("name", LONG), "must be at most 100 characters"),
+    "a model name": (lambda s: s["models"][0].__setitem__("name", LONG), "must be at most 100 characters"),
+    "a scorer": (lambda s: s["tasks"][0].__setitem__("scorer", LONG), "must be at most 100 characters"),
+    "a matrix key": (lambda s: s["backends"][0].__setitem__("matrix", {LONG: [1]}), "configuration label of"),
+    "a dispatcher option": (lambda s: s["dispatchers"][0].__setitem__("options", {LONG: 1}), "has no option"),
+    "a task source": (lambda s: s["tasks"][0].__setitem__("source", "nosuchscheme:" + LONG), "error: "),
+}
+
+
+@pytest.mark.parametrize("case", sorted(LONG_PLACES))
+def test_a_thousand_character_key_or_name_gives_a_short_error_line(world, case):
+    """Keys and names from the study are cut in the sentence, and no error line exceeds 300 characters (before,
+    the whole key was repeated: lines of 1,100 characters)."""
+    study = toy_base(world)
+    change, needle = LONG_PLACES[case]
+    change(study)
+    _refused(world, ["run", str(_write_study(world, study)), "--dry-run"], case, needle)

@@ -201,7 +201,9 @@ BATCHES = st.lists(st.one_of(st.integers(1, 5), st.sampled_from([0, -1, 4096, 40
                              st.text(max_size=2), st.floats()), max_size=4)
 DEEP = st.integers(1, 3000)
 STUDY_MUTATIONS = ["name", "name", "output_dir", "output_dir", "matrix", "batch", "repeats", "deep", "value",
-                   "dispatcher", "delete", "source"]
+                   "dispatcher", "delete", "source", "long"]
+LONG_PLACES = ["top-level key", "study key", "backend name", "dispatcher name", "scorer", "source", "option key",
+               "matrix key", "model name", "task name", "dispatcher option key"]
 
 
 def _deep_value(depth: int) -> str:
@@ -235,6 +237,30 @@ def study_cases(draw, box) -> tuple[str, bool]:
         elif kind == "dispatcher":
             data.setdefault("dispatchers", [{"batch_sizes": [2]}])[0]["name"] = draw(st.sampled_from(["prompt_list", "synchronized", "continuous",
                                                                    "solo", "nope"]))
+        elif kind == "long":  # a key or name thousands of characters long: the error line stays short
+            long = draw(st.sampled_from("kK~é/")) * draw(st.sampled_from([120, 300, 5000]))
+            place = draw(st.sampled_from(LONG_PLACES))
+            if place == "top-level key":
+                data[long] = 1
+            elif place == "study key":
+                data.setdefault("study", {})[long] = 1
+            elif place in ("backend name", "option key", "matrix key"):
+                backend = data.setdefault("backends", [{"name": "toy"}])[0]
+                if place == "backend name":
+                    backend["name"] = long
+                else:
+                    backend["options" if place == "option key" else "matrix"] = {long: [1]}
+            elif place in ("dispatcher name", "dispatcher option key"):
+                disp = data.setdefault("dispatchers", [{"name": "prompt_list", "batch_sizes": [2]}])[0]
+                if place == "dispatcher name":
+                    disp["name"] = long
+                else:
+                    disp["options"] = {long: 1}
+            elif place == "model name":
+                data.setdefault("models", [{"path": "none"}])[0]["name"] = long
+            else:
+                task = data.setdefault("tasks", _base(box)["tasks"])[0]
+                task[{"scorer": "scorer", "source": "source", "task name": "name"}[place]] = long
         elif kind == "delete":
             section = draw(st.sampled_from(list(data)))
             del data[section]
