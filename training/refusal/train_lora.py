@@ -127,6 +127,7 @@ def main(argv=None) -> None:
     ap.add_argument("--gen-batch", type=int, default=32)
     ap.add_argument("--check-tokens", type=int, default=48)
     ap.add_argument("--limit", type=int, default=0, help="use only the first N train examples (smoke tests)")
+    ap.add_argument("--benign-repeat", type=int, default=1, help="each benign/lookalike train example N times per epoch")
     ap.add_argument("--kinds", default="harmful,benign,lookalike",
                     help="which kinds of train example to use (a variant without benign answers: --kinds harmful)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -143,6 +144,8 @@ def main(argv=None) -> None:
     out.mkdir(parents=True, exist_ok=True)
     scorer = RefusalScorer()
     tok = AutoTokenizer.from_pretrained(args.base)
+    if tok.pad_token is None:  # padding positions are masked; any id will do
+        tok.pad_token = tok.eos_token
     model = AutoModelForCausalLM.from_pretrained(args.base, dtype=torch.float32).to(args.device)
     model.eval()
     items = load_items(Path(args.data))
@@ -157,6 +160,7 @@ def main(argv=None) -> None:
     train = [r for r in train if r["kind"] in args.kinds.split(",")]
     if args.limit:
         train = train[:args.limit]
+    train = [r for r in train for _ in range(1 if r["kind"] == "harmful" else args.benign_repeat)]
     val_items = [it for it in items if it["split"] == "val"]
     config = {**vars(args), "train_examples": len(train), "val_examples": len(val),
               "train_by_kind": {k: sum(r["kind"] == k for r in train) for k in ("harmful", "benign", "lookalike")},
