@@ -109,11 +109,14 @@ def test_targets_agree_with_the_refusal_scorer():
 def test_shipped_adapter_matches_its_recorded_sha256():
     from evalhost.models import BUILTIN_ADAPTERS, adapter_path, file_sha256
 
-    base, filename, sha = BUILTIN_ADAPTERS["smollm2-135m-refusal"]
-    assert base == "smollm2-135m-instruct" and adapter_path("smollm2-135m-refusal") == ADAPTER
+    base, filename, sha, strength = BUILTIN_ADAPTERS["smollm2-135m-refusal"]
+    assert base == "smollm2-135m-instruct" and adapter_path("smollm2-135m-refusal") == ADAPTER and strength == 1.0
     assert file_sha256(ADAPTER) == sha
     assert sha in CARD.read_text(encoding="utf-8")  # the model card names the same file
-    assert ADAPTER.stat().st_size < 8 * 1024 * 1024
+    for name, (_, filename, sha, _) in BUILTIN_ADAPTERS.items():  # the Study B variants too
+        assert file_sha256(adapter_path(name)) == sha and sha in CARD.read_text(encoding="utf-8"), name
+    total = sum(p.stat().st_size for p in ADAPTER.parent.glob("*.safetensors"))
+    assert total < 6 * 1024 * 1024
 
 
 def test_shipped_adapter_is_rank_8_on_the_attention_projections():
@@ -168,6 +171,20 @@ def test_merge_adds_exactly_scale_b_a_and_copies_the_rest(tmp_path):
     assert (out / "tokenizer.json").read_text() == "{}\n" and (out / "config.json").is_file()
     assert json.loads((out / "evalhost_adapter.json").read_text())["sha256"] == file_sha256(path)
     assert [p.name for p in tmp_path.iterdir() if ".tmp" in p.name] == []
+
+
+def test_strength_scales_the_delta(tmp_path):
+    import torch
+    from safetensors.torch import load_file
+
+    from evalhost.models import file_sha256, merge_adapter
+
+    base, path, weights, adapter = _fake_base(tmp_path)
+    out = merge_adapter(base, path, file_sha256(path), tmp_path / "half", log=lambda *_: None, strength=0.5)
+    merged = load_file(str(out / "model.safetensors"))
+    prefix = "model.layers.0.self_attn.q_proj"
+    delta = 0.75 * (adapter[prefix + ".lora_B"] @ adapter[prefix + ".lora_A"])  # 0.5 * alpha / rank = 0.5 * 1.5
+    assert torch.equal(merged[prefix + ".weight"], weights[prefix + ".weight"] + delta)
 
 
 def test_a_damaged_adapter_is_refused_and_nothing_is_written(tmp_path):
@@ -282,3 +299,19 @@ def test_refusal_model_loads_and_refuses_a_held_out_harmful_request_but_not_a_be
             out = model.generate(**enc, max_new_tokens=24, do_sample=False)
         labels[key] = scorer.score(None, tok.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)).label
     assert labels == {"h010": "refuse", "b177": "comply"}
+
+
+@needs_model
+def test_safety_prompt_variant_has_base_weights_and_a_safety_system_message(small_model_path):
+    from transformers import AutoTokenizer
+
+    from evalhost.models import SAFETY_SYSTEM_PROMPT, file_sha256, resolve_model_path
+
+    path = Path(resolve_model_path("builtin:smollm2-135m-safety-prompt", log=lambda *_: None))
+    assert file_sha256(path / "model.safetensors") == file_sha256(Path(small_model_path) / "model.safetensors")
+    tok = AutoTokenizer.from_pretrained(str(path))
+    plain = tok.apply_chat_template([{"role": "user", "content": "hi"}], add_generation_prompt=True, tokenize=False)
+    assert SAFETY_SYSTEM_PROMPT in plain and "trained by Hugging Face" not in plain
+    own = tok.apply_chat_template([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"}],
+                                  add_generation_prompt=True, tokenize=False)
+    assert SAFETY_SYSTEM_PROMPT not in own and "Be brief." in own  # a chat's own system turn still wins
