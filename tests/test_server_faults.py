@@ -391,3 +391,34 @@ def test_default_request_timeout_is_sized_for_max_tokens(tmp_path):
 def test_request_timeout_out_of_range_is_one_sentence(value):
     with pytest.raises(UserError, match=r"request_timeout_s must be a number of seconds above 0"):
         VLLMBackend.check_options({"request_timeout_s": value})
+
+
+def test_close_during_a_request_ends_it_instead_of_hanging(tmp_path):
+    """Sync requests run on the client's own event loop thread: closing the client while one is in flight (Ctrl-C,
+    a failing sibling configuration) cancels it; the caller gets an error, not a thread blocked forever."""
+    import threading
+
+    backend, _ = make(tmp_path, ["--hang-on", "2"], request_timeout_s=60, max_retries=0)
+    try:
+        backend.start()
+        outcome = {}
+
+        def call():
+            try:
+                backend.generate(PROMPTS, Sampling(max_tokens=4))
+                outcome["result"] = "returned"
+            except Exception as exc:  # noqa: BLE001 - the error type is what we look at
+                outcome["result"] = type(exc).__name__
+
+        t = threading.Thread(target=call, daemon=True)
+        t.start()
+        log = tmp_path / "server-fake.log"
+        deadline = time.monotonic() + 30
+        while "simulated hang on request #2" not in log.read_text() and time.monotonic() < deadline:
+            time.sleep(0.1)  # until the request is in flight (the server hangs on it)
+        backend.client.close()
+        t.join(timeout=15)
+        assert not t.is_alive(), "the request still waits after the client was closed"
+        assert outcome["result"] == "RunError"
+    finally:
+        backend.close()

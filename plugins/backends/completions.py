@@ -119,11 +119,21 @@ class _LoopThread:
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result()
 
     def stop(self, client=None) -> None:
-        if client is not None and not client.is_closed:
-            try:
-                self.call(client.aclose())
-            except Exception:  # best effort: the loop goes away anyway
-                pass
+        """Cancel what is still in flight (a caller waiting on it gets an error, never a hang), close ``client``,
+        end the loop."""
+
+        async def shutdown() -> None:
+            tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)  # their callers' futures are settled by now
+            if client is not None and not client.is_closed:
+                await client.aclose()
+
+        try:
+            asyncio.run_coroutine_threadsafe(shutdown(), self.loop).result(timeout=10)
+        except Exception:  # best effort: the loop goes away anyway
+            pass
         self.loop.call_soon_threadsafe(self.loop.stop)
         self.thread.join(timeout=5)
         if not self.thread.is_alive():
