@@ -823,3 +823,34 @@ def test_a_thousand_character_key_or_name_gives_a_short_error_line(world, case):
     change, needle = LONG_PLACES[case]
     change(study)
     _refused(world, ["run", str(_write_study(world, study)), "--dry-run"], case, needle)
+
+
+HF_ROWS = [{"question": "Which one?", "choices": ["x", "y"], "answer": 1, "weird": "²", "eszett": "ß"}]
+HF_OPTIONS = {
+    "an answer of '²' (isdigit, not int)": ({"fields": {"prompt": "question", "choices": "choices",
+                                                           "answer": "weird"}}, "cannot read answer"),
+    "an answer of 'ß' (upper() is two letters)": ({"fields": {"prompt": "question", "choices": "choices",
+                                                                 "answer": "eszett"}}, "cannot read answer"),
+    "a template reading an attribute": ({"prompt_template": "{question.upper}"}, "prompt_template cannot be filled"),
+    "a template reading a missing attribute": ({"prompt_template": "{question.nope}"},
+                                               "prompt_template cannot be filled"),
+    "a template with an index": ({"prompt_template": "{0}"}, "prompt_template cannot be filled"),
+    "a template with a lone brace": ({"prompt_template": "{question"}, "prompt_template cannot be filled"),
+    "a preset that is a list": ({"preset": ["mmlu"]}, "option 'preset' must be a string"),
+    "where that is a list": ({"where": ["x"]}, "option 'where' must be a table"),
+    "metadata_fields of numbers": ({"metadata_fields": [1]}, "'metadata_fields' must list column names"),
+    "a field mapped to a number": ({"fields": {"prompt": 5}}, "'fields' must map item fields to column names"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(HF_OPTIONS))
+def test_hf_rows_and_options_that_crashed_are_one_sentence(case):
+    """Dataset rows and [[tasks]] options of the hf task sources (read without the datasets package: the rows are
+    given): each of these raised ValueError / TypeError / AttributeError before."""
+    from evalhost.errors import UserError
+    from evalhost.plugins.task_sources.hf_datasets import rows_to_items
+
+    options, needle = HF_OPTIONS[case]
+    with pytest.raises(UserError, match=needle.replace("(", r"\(").replace(")", r"\)")) as info:
+        rows_to_items(HF_ROWS, "hf:owner/set", {"task": "t", "domain": "capability", **options})
+    assert "\n" not in str(info.value) and len(str(info.value)) < 300

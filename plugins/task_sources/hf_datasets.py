@@ -65,6 +65,26 @@ def _check(options: dict[str, Any], where: str) -> dict[str, Any]:
         hint = difflib.get_close_matches(unknown[0], KNOWN_OPTIONS, n=1)
         did = f" (did you mean '{hint[0]}'?)" if hint else ""
         raise UserError(f"{where}: unknown option '{unknown[0]}'{did}; known: {', '.join(KNOWN_OPTIONS[:-2])}")
+    types = {"preset": str, "where": dict, "metadata_fields": list, "prompt_template": str, "split": str,
+             "config": str, "revision": str, "bbq_targets": bool, "fields": dict}
+    for key, typ in types.items():
+        if options.get(key) is not None and not isinstance(options[key], typ):
+            kind = {str: "a string", dict: "a table", list: "a list", bool: "true or false"}[typ]
+            raise UserError(f"{where}: option '{key}' must be {kind}, not {type(options[key]).__name__}")
+    if not all(isinstance(c, str) for c in options.get("metadata_fields") or []):
+        raise UserError(f"{where}: 'metadata_fields' must list column names (strings)")
+    template = options.get("prompt_template")
+    if template is not None:
+        import string
+
+        try:
+            names = [f for _, f, _, _ in string.Formatter().parse(template) if f is not None]
+        except ValueError as exc:  # a lone "{" or "}"
+            raise UserError(f"{where}: prompt_template cannot be filled ({exc}); write {{{{ and }}}} for braces") from None
+        bad = [f for f in names if f not in ("context", "question", "options")]
+        if bad:
+            raise UserError(f"{where}: prompt_template cannot be filled ('{{{bad[0][:40]}}}'); use only {{context}}, "
+                            f"{{question}}, {{options}} (write {{{{ and }}}} for braces)")
     preset = options.get("preset")
     merged: dict[str, Any] = {}
     if preset is not None:
@@ -82,6 +102,9 @@ def _check(options: dict[str, Any], where: str) -> dict[str, Any]:
     bad = [k for k in fields if k not in ITEM_FIELDS]
     if bad:
         raise UserError(f"{where}: 'fields' names '{bad[0]}', which is not an item field; use: {', '.join(ITEM_FIELDS)}")
+    if not all(isinstance(c, str) or (isinstance(c, list) and all(isinstance(x, str) for x in c))
+               for c in fields.values()):
+        raise UserError(f"{where}: 'fields' must map item fields to column names (or a list of them for choices)")
     if "prompt" not in fields:
         raise UserError(f"{where}: 'fields' has no 'prompt' column; add e.g. fields = {{prompt = \"question\"}}")
     limit = merged.get("limit")
