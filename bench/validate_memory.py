@@ -1,11 +1,12 @@
 """Peak resident memory of ``evalhost validate`` (or ``report``) on a generated run of N records (issue 18).
 
-Writes a run directory of ``--records`` records shaped like the run loop's (``--items`` items, each in a solo cell and
+Writes a run directory of ``--records`` records shaped like the run loop's (items each in a solo cell and
 ``prompt_list`` cells of batch 2, 4, 8 and 16, so 1,000,000 records = 200,000 items x 5 cells; outputs of ~200
-characters with their token ids), then runs the real CLI as a child process and reads the child's peak RSS
+characters with their token ids; ``--changed`` of the batch outputs differ from their solo output), then runs the real CLI as a child process and reads the child's peak RSS
 (``getrusage(RUSAGE_CHILDREN).ru_maxrss``). Prints one JSON line.
 
     python bench/validate_memory.py --records 1000000
+    python bench/validate_memory.py --records 1000000 --command report --out bench/results/report-memory-1m.json
     python bench/validate_memory.py --records 150000 --pythonpath "$(/tmp/tools/old-evalhost.sh)"   # old code
 """
 from __future__ import annotations
@@ -30,8 +31,13 @@ def _sha(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-def write_run(run_dir: Path, records: int) -> int:
-    """A run directory with ``records`` records (whole items only) and a matching manifest; returns the count."""
+def _text(i: int, bs: int, item: str, cell: str) -> str:
+    return ("Sure: " if (i * bs) % 7 else "I'm sorry, I can't help with that. ") + _sha(item + cell) * 3
+
+
+def write_run(run_dir: Path, records: int, changed: float = 1.0) -> int:
+    """A run directory with ``records`` records (whole items only) and a matching manifest; returns the count.
+    ``changed``: the share of batch outputs that differ from their solo output (the rest repeat it exactly)."""
     run_dir.mkdir(parents=True)
     fp = {"toy": "1"}
     fid = hashlib.sha256(json.dumps(fp, sort_keys=True).encode()).hexdigest()[:16]
@@ -46,7 +52,10 @@ def write_run(run_dir: Path, records: int) -> int:
             for i in range(items):
                 item = f"item-{i:07d}"
                 prompt = _sha(item)
-                text = ("Sure: " if (i * bs) % 7 else "I'm sorry, I can't help with that. ") + _sha(item + cell) * 3
+                if cond == "batch" and int(_sha(item + cell)[:8], 16) >= changed * 2**32:
+                    text = _text(i, 1, item, "m/toy/bench/solo/bs1")  # the same output as its solo
+                else:
+                    text = _text(i, bs, item, cell)
                 g = i // bs
                 peers = [f"item-{j:07d}" for j in range(g * bs, g * bs + bs) if j != i]
                 rec = {"schema": 1, "key": f"{cell}#{item}#r0", "study": "bench", "phase": None, "run_id": "bench",
@@ -70,6 +79,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--records", type=int, default=1_000_000)
     ap.add_argument("--command", choices=("validate", "report"), default="validate")
+    ap.add_argument("--changed", type=float, default=0.05,
+                    help="share of batch outputs that differ from their solo output (default 0.05: the committed "
+                         "H100 runs changed 1.8%%-7.2%% of their pairs; 1 = every pair changed, the shape before)")
     ap.add_argument("--pythonpath", default="", help="prepended to PYTHONPATH of the child (e.g. the old code)")
     ap.add_argument("--dir", default=None, help="where to write the run (default: a temp dir, removed after)")
     ap.add_argument("--out", default=None, help="also write the JSON line to this file")
@@ -78,7 +90,7 @@ def main() -> None:
     run_dir = base / "run"
     try:
         t0 = time.monotonic()
-        n = write_run(run_dir, args.records)
+        n = write_run(run_dir, args.records, args.changed)
         size = (run_dir / "records.jsonl").stat().st_size
         print(f"wrote {n} records ({size / 2**20:.0f} MiB) in {time.monotonic() - t0:.0f} s", file=sys.stderr)
         env = dict(os.environ)
@@ -89,7 +101,7 @@ def main() -> None:
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
         wall = time.monotonic() - t0
         peak_kib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss  # KiB on Linux
-        result = {"command": args.command, "records": n, "file_mib": round(size / 2**20, 1),
+        result = {"command": args.command, "records": n, "changed": args.changed, "file_mib": round(size / 2**20, 1),
                   "exit": proc.returncode, "max_rss_mib": round(peak_kib / 1024, 1), "wall_s": round(wall, 1),
                   "last_line": (proc.stdout.strip() or proc.stderr.strip()).splitlines()[-1][:200],
                   "old_code": bool(args.pythonpath), "python": platform.python_version(),

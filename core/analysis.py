@@ -69,23 +69,20 @@ baseline, discordant, mde_pp}], ``mde_paired_method``.
 """
 from __future__ import annotations
 
-import json
-import statistics
-from collections import Counter, defaultdict
+from collections import defaultdict
 from typing import Any, Iterable, Mapping, Sequence
 
-from . import stats as st
-from .analysis_pairs import (PAIR_KEY, check_flip_on, count_field, direction, first_divergence,  # noqa: F401
-                             not_comparable, pair, pair_distribution as _pair_distribution, prepare, rates,
-                             sha as _sha, peers as _peers, sort_key as _sort_key)
+from .analysis_acc import (BREAKDOWN_FIELDS, RECORD_FIELDS as _RECORD_FIELDS, Tally, breakdown_rows,  # noqa: F401
+                           duplicate_view, headline_rows, median as _median, tokens_per_s as _tokens_per_s,
+                           usable as _usable)
+from .analysis_pairs import (PAIR_KEY, RateCounts, check_flip_on, count_field, direction,  # noqa: F401
+                             first_divergence, not_comparable, pair, pair_distribution as _pair_distribution,
+                             prepare, rates, sha as _sha, peers as _peers, sort_key as _sort_key)
+from .analysis_run import (RunRecords, RunSummary, list_source, records_for_keys, summarize_records,  # noqa: F401
+                           summarize_run)
 from .analysis_studies import REFERENCE_ARM_NAMES, composition, study_b  # noqa: F401
 from .analysis_study_d import (STUDY_D_FIELDS, comparable_backends, compare_backends,  # noqa: F401
                                looks_invariant)
-
-BREAKDOWN_FIELDS = ("model", "domain", "task", "dispatcher", "batch_size", "phase", "original_direction",
-                    "direction", "backend")
-_RECORD_FIELDS = {"model", "domain", "task", "dispatcher", "batch_size", "phase", "original_direction", "backend",
-                  "cell", "arm"}
 
 
 def _repeat(rec: Mapping[str, Any]) -> int:
@@ -95,242 +92,73 @@ def _repeat(rec: Mapping[str, Any]) -> int:
         return 0
 
 
-def _tokens_per_s(rec: Mapping[str, Any]) -> float | None:
-    ids = rec.get("output_token_ids")
-    t = rec.get("timings") or {}
-    try:
-        secs = t.get("latency_s")
-        if secs is None and t.get("finished") is not None and t.get("sent") is not None:
-            secs = float(t["finished"]) - float(t["sent"])
-        secs = float(secs) if secs is not None else None
-    except (TypeError, ValueError):
-        return None
-    if ids is None or not secs or secs <= 0:
-        return None
-    return len(ids) / secs
-
-
-def _median(values: Iterable[float | int | None]) -> float | None:
-    vals = [v for v in values if isinstance(v, (int, float))]
-    return float(statistics.median(vals)) if vals else None
-
-
 def _rates(pairs: Sequence[Mapping[str, Any]], duplicates: int = 0) -> dict[str, Any]:
     return rates(pairs, duplicates)
 
 
-def breakdown(pairs: Sequence[Mapping[str, Any]], field: str,
+def _flip_on_of(pairs: Sequence[Mapping[str, Any]] | None) -> str:
+    return next((p.get("flip_on", "label") for p in pairs or ()), "label")
+
+
+def breakdown(pairs: Iterable[Mapping[str, Any]], field: str,
               duplicates: Sequence[Mapping[str, Any]] = ()) -> list[dict[str, Any]]:
     """Rates (over comparable pairs) and not-comparable counts per value of ``field``."""
-    groups: dict[Any, list] = defaultdict(list)
+    groups: dict[Any, RateCounts] = defaultdict(RateCounts)
     for p in pairs:
-        groups[p.get(field)].append(p)
-    dups = [d for d in duplicates if d.get("condition") == "batch"] if field in _RECORD_FIELDS else []
-    for d in dups:
-        groups.setdefault(d.get(field), [])
-    return [{"value": v, **_rates(groups[v], count_field(dups, field, v))} for v in sorted(groups, key=_sort_key)]
+        groups[p.get(field)].add(p)
+    return breakdown_rows(groups, field, [duplicate_view(d) for d in duplicates])
 
 
-# -- repeats and cells ------------------------------------------------------------------------------------------
-def _usable(r: Mapping[str, Any]) -> bool:
-    return r.get("finish_reason") != "error" and r.get("scorer_error") is None
+def headline(pairs: Iterable[Mapping[str, Any]], backends: Iterable[str],
+             duplicates: Sequence[Mapping[str, Any]] = ()) -> list[dict[str, Any]]:
+    """One row per backend: comparable pairs, not-comparable counts, flips (substantive / parse failure), text
+    changes and truncated text changes."""
+    by: dict[str, RateCounts] = defaultdict(RateCounts)
+    for p in pairs:
+        by[str(p.get("backend"))].add(p)
+    return headline_rows(by, backends, [duplicate_view(d) for d in duplicates])
+
+
+def invariance_grid(pairs: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
+    """Text-change rate per (backend configuration, dispatcher/batch size), pooled over models and tasks, over
+    comparable pairs."""
+    t = Tally()
+    for p in pairs:
+        t.pair(p)
+    return t.invariance_grid()
+
+
+def adjudication_summary(pairs: Iterable[Mapping[str, Any]], adjudications: Mapping[str, str]) -> dict[str, Any]:
+    """Raw flips, genuine / artifact / skipped / not yet adjudicated, and the corrected rate genuine / comparable
+    pairs."""
+    t = Tally(adjudications=adjudications)
+    for p in pairs:
+        t.pair(p)
+    return t.adjudication()
 
 
 def repeat_disagreement(records: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
-    """How often the same request differs from itself: repeats > 0 against repeat 0 of the same request
+    """How often the same request differs from itself: repeats other than 0 against repeat 0 of the same request
     (solo: same model/backend/task/item; batch: same cell, item, position and peers).  Records with an error are
     left out; labels are compared only when both are labelled."""
-    records, _, _ = prepare(records)
-
-    def key_solo(r):
-        return tuple(r.get(k) for k in PAIR_KEY)
-
-    def key_batch(r):
-        return (r.get("cell"), r.get("item_id"), r.get("position"), _peers(r))
-
-    result: dict[str, Any] = {}
-    by_backend: dict[str, list[bool]] = defaultdict(list)
-    for cond, keyf in (("solo", key_solo), ("batch", key_batch)):
-        base = {}
-        for r in records:
-            if r.get("condition") == cond and _repeat(r) == 0:
-                base.setdefault(keyf(r), r)
-        text, label = [], []
-        for r in records:
-            if r.get("condition") != cond or _repeat(r) == 0:
-                continue
-            b = base.get(keyf(r))
-            if b is None or not (_usable(r) and _usable(b)):
-                continue
-            text.append(_sha(r) != _sha(b))
-            if r.get("label") is not None and b.get("label") is not None:
-                label.append(r.get("label") != b.get("label"))
-            if cond == "solo":
-                by_backend[str(r.get("backend"))].append(text[-1])
-        result[cond] = {"text": st.proportion(sum(text), len(text)), "label": st.proportion(sum(label), len(label))}
-    result["solo_by_backend"] = [{"backend": k, "text": st.proportion(sum(v), len(v))}
-                                 for k, v in sorted(by_backend.items())]
-    return result
+    return summarize_records(list_source(records), full=False).summary["repeat_disagreement"]
 
 
 def cells_table(records: Sequence[Mapping[str, Any]], pairs: Sequence[Mapping[str, Any]] | None = None,
                 duplicates: Sequence[Mapping[str, Any]] | None = None) -> list[dict[str, Any]]:
     """Per cell (issue 11): text-change / label-flip rate vs solo over comparable pairs, not-comparable counts,
-    median first divergence, repeat disagreement within the cell, median tokens/s per request."""
-    recs_all, dups, _ = prepare(records)
-    dups = dups if duplicates is None else list(duplicates)
-    pairs = pair(recs_all) if pairs is None else pairs
-    by_cell_pairs: dict[Any, list] = defaultdict(list)
-    for p in pairs:
-        by_cell_pairs[p["cell"]].append(p)
-    by_cell: dict[Any, list] = defaultdict(list)
-    for r in recs_all:
-        by_cell[r.get("cell")].append(r)
-    rows = []
-    for cell in sorted(by_cell, key=_sort_key):
-        recs = by_cell[cell]
-        r0 = recs[0]
-        base = {}
-        for r in recs:
-            if _repeat(r) == 0:
-                base.setdefault((r.get("item_id"), r.get("position"), _peers(r)), r)
-        rep = [(_sha(r) != _sha(base[k]))
-               for r in recs if _repeat(r) > 0 and _usable(r)
-               and (k := (r.get("item_id"), r.get("position"), _peers(r))) in base and _usable(base[k])]
-        cp_all = by_cell_pairs.get(cell, [])
-        cp = [p for p in cp_all if p["comparable"]]
-        flips = [p for p in cp if p["flip"]]
-        rows.append({
-            "cell": cell, "model": r0.get("model"), "backend": r0.get("backend"),
-            "backend_plugin": r0.get("backend_plugin"), "backend_config": r0.get("backend_config"),
-            "task": r0.get("task"),
-            "dispatcher": r0.get("dispatcher"), "batch_size": r0.get("batch_size"),
-            "condition": r0.get("condition"), "records": len(recs), "pairs": len(cp), "pairs_formed": len(cp_all),
-            "not_comparable": not_comparable(cp_all, count_field(dups, "cell", cell)),
-            "text_changes": st.proportion(sum(p["text_change"] for p in cp), len(cp)),
-            "label_flips": st.proportion(len(flips), len(cp)),
-            "substantive_flips": st.proportion(sum(p["flip_kind"] == "substantive" for p in flips), len(cp)),
-            "parse_failure_flips": st.proportion(sum(p["flip_kind"] == "parse_failure" for p in flips), len(cp)),
-            "truncated_changes": sum(1 for p in cp if p["text_change"] and p["truncated"]),
-            "first_divergence_median": _median(p["first_divergent_token"] for p in cp),
-            "repeat_disagreement": st.proportion(sum(rep), len(rep)),
-            "tokens_per_s_median": _median(_tokens_per_s(r) for r in recs),
-        })
-    return rows
+    median first divergence, repeat disagreement within the cell (repeats > 0 against repeat 0 of the same item,
+    position and peers), median tokens/s per request.  Computed from ``records`` (with the ``flip_on`` of
+    ``pairs`` when given); ``duplicates`` is accepted for compatibility (the records' own duplicates are used)."""
+    return summarize_records(list_source(records), flip_on=_flip_on_of(pairs), full=False).summary["cells"]
 
 
-def invariance_grid(pairs: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
-    """Text-change rate per (backend configuration, dispatcher/batch size), pooled over models and tasks, over
-    comparable pairs."""
-    groups: dict[tuple, list] = defaultdict(list)
-    for p in pairs:
-        if p["comparable"]:
-            groups[(str(p.get("backend")), f"{p.get('dispatcher')}/bs{p.get('batch_size')}")].append(p)
-    rows = sorted({k[0] for k in groups})
-
-    def col_key(c):
-        head, _, tail = c.rpartition("/bs")
-        return (head, int(tail) if tail.isdigit() else 0, tail)
-
-    cols = sorted({k[1] for k in groups}, key=col_key)
-    cells = [{"backend": b, "column": c,
-              "text_changes": st.proportion(sum(p["text_change"] for p in groups[(b, c)]), len(groups[(b, c)])),
-              "label_flips": st.proportion(sum(p["flip"] for p in groups[(b, c)]), len(groups[(b, c)]))}
-             for b in rows for c in cols if (b, c) in groups]
-    return {"rows": rows, "cols": cols, "cells": cells}
-
-
-# -- adjudication -----------------------------------------------------------------------------------------------
-def adjudication_summary(pairs: Sequence[Mapping[str, Any]], adjudications: Mapping[str, str]) -> dict[str, Any]:
-    """Raw flips, genuine / artifact / skipped / not yet adjudicated, and the corrected rate genuine / comparable
-    pairs."""
-    adjudications = {str(k): v for k, v in adjudications.items()}
-    pairs = [p for p in pairs if p["comparable"]]
-    flips = [p for p in pairs if p["flip"]]
-    verdicts = Counter(adjudications.get(str(p["key"]), "unadjudicated") for p in flips)
-    genuine = verdicts.get("genuine", 0)
-    by_domain = []
-    for dom in sorted({p.get("domain") for p in pairs}, key=_sort_key):
-        dp = [p for p in pairs if p.get("domain") == dom]
-        g = sum(1 for p in dp if p["flip"] and adjudications.get(str(p["key"])) == "genuine")
-        by_domain.append({"value": dom, "pairs": len(dp), "raw_flips": sum(p["flip"] for p in dp),
-                          "genuine": st.proportion(g, len(dp))})
-    flip_keys = {str(p["key"]) for p in flips}
-    return {"raw_flips": len(flips), "genuine": genuine, "artifact": verdicts.get("artifact", 0),
-            "skipped": verdicts.get("skip", 0), "unadjudicated": verdicts.get("unadjudicated", 0),
-            "not_flips_adjudicated": sum(1 for k in adjudications if k not in flip_keys),
-            "raw_rate": st.proportion(len(flips), len(pairs)),
-            "corrected_rate": st.proportion(genuine, len(pairs)),
-            "by_domain": by_domain}
-
-
-# -- the summary ------------------------------------------------------------------------------------------------
-def headline(pairs: Sequence[Mapping[str, Any]], backends: Iterable[str],
-             duplicates: Sequence[Mapping[str, Any]] = ()) -> list[dict[str, Any]]:
-    """One row per backend: comparable pairs, not-comparable counts, flips (substantive / parse failure), text
-    changes and truncated text changes."""
-    by: dict[str, list] = defaultdict(list)
-    for p in pairs:
-        by[str(p.get("backend"))].append(p)
-    rows = []
-    for b in sorted(set(backends) | set(by)):
-        r = _rates(by[b], sum(1 for d in duplicates if str(d.get("backend")) == b))
-        rows.append({"backend": b, "pairs": r["pairs"], "pairs_formed": r["pairs_formed"],
-                     "not_comparable": r["not_comparable"], "label_flips": r["label_flips"],
-                     "substantive_flips": r["substantive_flips"], "parse_failure_flips": r["parse_failure_flips"],
-                     "text_changes": r["text_changes"], "truncated_changes": r["truncated_changes"]})
-    return rows
-
-
-def summarize(records: Sequence[Mapping[str, Any]], adjudications: Mapping[str, str] | None = None,
+def summarize(records: Iterable[Mapping[str, Any]], adjudications: Mapping[str, str] | None = None,
               flip_on: str = "label") -> dict[str, Any]:
     """Everything the report needs that does not depend on the study type (Studies B/C/D are separate); see the
-    module docstring for the keys."""
-    check_flip_on(flip_on)
-    given = len(records)
-    records, dups, malformed = prepare(records)
-    pairs = pair(records, flip_on)
-    cp = [p for p in pairs if p["comparable"]]
-    n_batch = sum(1 for r in records if r.get("condition") == "batch")
-    divs = [p["first_divergent_token"] for p in cp if p["first_divergent_token"] is not None]
-    flips = [p for p in cp if p["flip"]]
-    configs = {json.dumps(r.get("backend_config"), sort_keys=True, default=str) for r in records}
-    nc = not_comparable(pairs, len(dups))
-    backends = sorted({str(r.get("backend")) for r in records})
-    summary: dict[str, Any] = {
-        "counts": {
-            "records": given, "unique_records": len(records), "malformed": malformed,
-            "solo": sum(1 for r in records if r.get("condition") == "solo"),
-            "batch": n_batch, "pairs": len(pairs), "unpaired_batch": n_batch - len(pairs),
-            "comparable_pairs": len(cp), "ok_pairs": len(cp),
-            "duplicates_dropped": len(dups), "not_comparable": nc,
-            "errors": sum(1 for r in records if r.get("finish_reason") == "error"),
-            "scorer_errors": sum(1 for r in records if r.get("scorer_error") is not None),
-            "retried": sum(1 for r in records if (r.get("attempts") or 1) > 1),
-            "restarted": sum(1 for r in records if r.get("restarted")),
-            "models": sorted({str(r.get("model")) for r in records}),
-            "backends": backends,
-            "tasks": sorted({str(r.get("task")) for r in records}),
-            "backend_configs": len(configs),
-            "max_repeat": max((_repeat(r) for r in records), default=0),
-        },
-        "flip_on": flip_on,
-        "headline": headline(pairs, backends, dups),
-        "overall": _rates(pairs, len(dups)),
-        "breakdowns": {f: breakdown(pairs, f, dups) for f in BREAKDOWN_FIELDS},
-        "directions": [{"direction": d, "domain": dom, "count": c} for (d, dom), c in
-                       sorted(Counter((p["direction"], p.get("domain")) for p in flips).items(),
-                              key=lambda kv: (-kv[1], str(kv[0])))],
-        "label_pairs": _pair_distribution(cp, "solo_label", "batch_label"),
-        "score_pairs": _pair_distribution(cp, "solo_score", "batch_score"),
-        "first_divergence": {"n": len(divs), "median": _median(divs), "positions": sorted(divs)},
-        "repeat_disagreement": repeat_disagreement(records),
-        "cells": cells_table(records, pairs, dups),
-        "invariance_grid": invariance_grid(pairs),
-    }
-    if adjudications:
-        summary["adjudication"] = adjudication_summary(pairs, adjudications)
-    return summary
+    module docstring for the keys.  The same passes as ``evalhost report`` (:mod:`evalhost.analysis_run`), over a
+    list."""
+    return summarize_records(list_source(records), adjudications, flip_on=flip_on, full=False).summary
 
 
 # -- candidate export -------------------------------------------------------------------------------------------

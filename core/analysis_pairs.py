@@ -22,6 +22,8 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import sys
+from array import array
 from collections import Counter
 from collections.abc import Mapping as _MappingABC
 from typing import Any, Iterable, Mapping, Sequence
@@ -38,6 +40,8 @@ _ID_FIELDS = ("key", "study", "phase", "run_id", "cell", "model", "backend", "ba
               "alignment_type", "original_direction", "candidate_kind", "prompt_sha256", "output_sha256",
               "finish_reason", "scorer", "task_source", "fingerprint_id")
 _SCALARS = (str, int, float, type(None))
+_PLAIN = frozenset({str, int, float, bool, type(None)})  # exact types scalar() returns unchanged (a fast path)
+_ID_TYPES = frozenset({int, float, str, bool})
 
 
 def scalar(value: Any) -> Any:
@@ -72,8 +76,9 @@ def clean(rec: Mapping[str, Any]) -> dict[str, Any]:
         return rec
     r = Clean(rec)
     for f in _ID_FIELDS:
-        if f in r:
-            r[f] = scalar(r[f])
+        v = r.get(f, _PLAIN)
+        if v is not _PLAIN and type(v) not in _PLAIN:
+            r[f] = scalar(v)
     r["label"] = label_value(r.get("label"))
     r["score"] = label_value(r.get("score"))
     r["repeat"] = _int(r.get("repeat"))
@@ -84,11 +89,12 @@ def clean(rec: Mapping[str, Any]) -> dict[str, Any]:
     if peers is None:
         r["peers"] = []
     elif isinstance(peers, (list, tuple)):
-        r["peers"] = [str(scalar(p)) for p in peers]
+        r["peers"] = list(peers) if set(map(type, peers)) <= {str} else [str(scalar(p)) for p in peers]
     else:
         r["peers"] = [str(scalar(peers))]
     ids = r.get("output_token_ids")
-    if ids is not None and not (isinstance(ids, (list, tuple)) and all(isinstance(i, (int, float, str)) for i in ids)):
+    if ids is not None and not (isinstance(ids, (list, tuple)) and (set(map(type, ids)) <= _ID_TYPES or all(
+            isinstance(i, (int, float, str)) for i in ids))):
         r["output_token_ids"] = None
     text = r.get("output_text")
     if text is not None and not isinstance(text, str):
@@ -145,16 +151,88 @@ def sort_key(value: Any) -> tuple:
 
 
 def first_divergence(a: Sequence[int] | None, b: Sequence[int] | None) -> int | None:
-    """Index of the first differing token id; None if identical or unknown."""
+    """Index of the first differing token id; None if identical or unknown (lists, tuples or the arrays of
+    :func:`compact_ids`)."""
     if a is None or b is None:
         return None
-    a, b = list(a), list(b)
+    if type(a) is not type(b) or (isinstance(a, array) and a.typecode != b.typecode):
+        a, b = list(a), list(b)
     if a == b:
         return None
     for i, (x, y) in enumerate(zip(a, b)):
         if x != y:
             return i
     return min(len(a), len(b))
+
+
+def compact_ids(ids: Any) -> Any:
+    """Token ids in a compact form that :func:`first_divergence` reads exactly like the list: ``array('i')`` when
+    every id is an int that fits 32 bits, ``array('q')`` for 64 bits, else a tuple; None stays None."""
+    if ids is None or isinstance(ids, (array, tuple)):
+        return ids
+    for code in ("i", "q"):
+        try:
+            if not any(type(i) is not int for i in ids):
+                return array(code, ids)
+        except OverflowError:
+            continue
+        break
+    return tuple(ids)
+
+
+def pack_hex(value: Any) -> Any:
+    """A lowercase 64-digit hex digest as its 32 bytes (half the memory), anything else unchanged: an injective
+    map, so packed values compare exactly as the originals."""
+    if isinstance(value, str) and len(value) == 64:
+        try:
+            raw = bytes.fromhex(value)
+        except ValueError:
+            return value
+        if raw.hex() == value:
+            return raw
+    return value
+
+
+def text_id(rec: Mapping[str, Any]) -> Any:
+    """What a text change compares: :func:`sha` of the record, packed (a projection already holds it packed)."""
+    s = rec.get("output_sha256")
+    return s if isinstance(s, bytes) else pack_hex(sha(rec))
+
+
+_FLOATS: dict = {}
+
+
+def shared(value: Any) -> Any:
+    """One object per distinct label, score or name, so that a million records share them (strings interned,
+    floats by their exact text; NaN and everything else unchanged)."""
+    if type(value) is str and len(value) <= 256:
+        return sys.intern(value)
+    if type(value) is float and value == value and len(_FLOATS) < 100_000:
+        return _FLOATS.setdefault(repr(value), value)
+    return value
+
+
+SOLO_FIELDS = ("key", "label", "score", "finish_reason", "scorer_error", "output_text", "prompt_sha256",
+               "output_sha256", "output_token_ids")
+
+
+def project(rec: Mapping[str, Any]) -> tuple:
+    """The compact projection of a cleaned record: exactly what :func:`make_pair` reads from a solo record, with
+    the output text reduced to whether it is empty (``""``) or not (None), the hashes packed and the token ids
+    compact.  :func:`expand` turns it back into a mapping."""
+    text = rec.get("output_text")
+    return (rec.get("key"), shared(rec.get("label")), shared(rec.get("score")), shared(rec.get("finish_reason")),
+            rec.get("scorer_error"), "" if _empty(text) else None, pack_hex(rec.get("prompt_sha256")), text_id(rec),
+            compact_ids(rec.get("output_token_ids")))
+
+
+def expand(projection: tuple) -> dict[str, Any]:
+    return dict(zip(SOLO_FIELDS, projection))
+
+
+def intern_key(values: tuple) -> tuple:
+    """A pairing key whose strings are shared with every other record's (``sys.intern``)."""
+    return tuple(sys.intern(v) if type(v) is str else v for v in values)
 
 
 _REFUSE = {"refuse", "refusal", "refused", "refuses", "refusing", "refusals"}
@@ -204,7 +282,7 @@ def not_comparable_reason(solo: Mapping[str, Any], batch: Mapping[str, Any], fli
         return "unlabelled"
     if flip_on == "score" and (solo.get("score") is None or batch.get("score") is None):
         return "unlabelled"
-    sp, bp = solo.get("prompt_sha256"), batch.get("prompt_sha256")
+    sp, bp = pack_hex(solo.get("prompt_sha256")), pack_hex(batch.get("prompt_sha256"))
     if sp is not None and bp is not None and sp != bp:
         return "prompt_mismatch"
     return None
@@ -215,22 +293,25 @@ def pair(records: Sequence[Mapping[str, Any]], flip_on: str = "label") -> list[d
     """One pair dict per batch record (first per key) that has its solo record (see the module docstring)."""
     check_flip_on(flip_on)
     recs, _, _ = prepare(records)
-    solos: dict[tuple, Mapping[str, Any]] = {}
+    solos: dict[tuple, tuple] = {}
     for rec in recs:
         if rec.get("condition") == "solo" and rec["repeat"] == 0:
-            solos.setdefault(tuple(rec.get(k) for k in PAIR_KEY), rec)
+            k = tuple(rec.get(f) for f in PAIR_KEY)
+            if k not in solos:
+                solos[k] = project(rec)
     out = []
     for rec in recs:
         if rec.get("condition") != "batch":
             continue
         solo = solos.get(tuple(rec.get(k) for k in PAIR_KEY))
         if solo is not None:
-            out.append(make_pair(solo, rec, flip_on))
+            out.append(make_pair(expand(solo), rec, flip_on))
     return out
 
 
 def make_pair(solo: Mapping[str, Any], rec: Mapping[str, Any], flip_on: str = "label") -> dict[str, Any]:
-    """The pair dict of one cleaned solo record and one cleaned batch record."""
+    """The pair dict of one cleaned solo record (or its :func:`project`-ion, expanded) and one cleaned batch
+    record."""
     reason = not_comparable_reason(solo, rec, flip_on)
     comparable = reason is None
     sl, bl = solo.get("label"), rec.get("label")
@@ -257,7 +338,7 @@ def make_pair(solo: Mapping[str, Any], rec: Mapping[str, Any], flip_on: str = "l
         "original_direction": rec.get("original_direction"), "candidate_kind": rec.get("candidate_kind"),
         "solo_label": sl, "batch_label": bl, "solo_score": solo.get("score"), "batch_score": rec.get("score"),
         "label_flip": bool(label_flip), "score_flip": bool(score_flip), "flip": bool(flip), "flip_kind": kind,
-        "flip_on": flip_on, "text_change": sha(solo) != sha(rec),
+        "flip_on": flip_on, "text_change": text_id(solo) != text_id(rec),
         "truncated": solo.get("finish_reason") == "length" or rec.get("finish_reason") == "length",
         "first_divergent_token": first_divergence(solo.get("output_token_ids"), rec.get("output_token_ids")),
         "direction": dirn, "comparable": comparable, "not_comparable": reason, "ok": comparable,
@@ -279,31 +360,64 @@ def pairs_for(records: Sequence[Mapping[str, Any]], pairs: Sequence[Mapping[str,
 
 
 # -- counting ---------------------------------------------------------------------------------------------------
+class RateCounts:
+    """The counts every rate row is made of, one pair at a time: :func:`rates` and :func:`not_comparable` are this
+    over a list; the summary feeds it pair by pair."""
+
+    __slots__ = ("formed", "n", "flips", "substantive", "parse", "text", "truncated", "reasons")
+
+    def __init__(self) -> None:
+        self.formed = self.n = self.flips = self.substantive = self.parse = self.text = self.truncated = 0
+        self.reasons = dict.fromkeys(REASONS, 0)
+
+    def add(self, p: Mapping[str, Any]) -> "RateCounts":
+        self.formed += 1
+        reason = p.get("not_comparable")
+        if reason in self.reasons:
+            self.reasons[reason] += 1
+        if not p.get("comparable", True):
+            return self
+        self.n += 1
+        if p["flip"]:
+            self.flips += 1
+            kind = p["flip_kind"]
+            self.substantive += kind == "substantive"
+            self.parse += kind == "parse_failure"
+        if p["text_change"]:
+            self.text += 1
+            self.truncated += bool(p["truncated"])
+        return self
+
+    def extend(self, pairs: Iterable[Mapping[str, Any]]) -> "RateCounts":
+        for p in pairs:
+            self.add(p)
+        return self
+
+    def not_comparable(self, duplicates: int = 0) -> dict[str, int]:
+        return {**self.reasons, "duplicate": int(duplicates)}
+
+    def result(self, duplicates: int = 0) -> dict[str, Any]:
+        n = self.n
+        return {"pairs": n, "pairs_formed": self.formed,
+                "label_flips": st.proportion(self.flips, n),
+                "substantive_flips": st.proportion(self.substantive, n),
+                "parse_failure_flips": st.proportion(self.parse, n),
+                "text_changes": st.proportion(self.text, n),
+                "truncated_changes": self.truncated,
+                "not_comparable": self.not_comparable(duplicates)}
+
+
 def not_comparable(pairs: Iterable[Mapping[str, Any]], duplicates: int = 0) -> dict[str, int]:
     """``{"error", "unlabelled", "prompt_mismatch", "duplicate"}`` counts (duplicates are passed in: they never
     form a pair)."""
-    out = {k: 0 for k in NOT_COMPARABLE_KEYS}
-    for p in pairs:
-        if p.get("not_comparable") in out:
-            out[p["not_comparable"]] += 1
-    out["duplicate"] = int(duplicates)
-    return out
+    return RateCounts().extend(pairs).not_comparable(duplicates)
 
 
-def rates(pairs: Sequence[Mapping[str, Any]], duplicates: int = 0) -> dict[str, Any]:
+def rates(pairs: Iterable[Mapping[str, Any]], duplicates: int = 0) -> dict[str, Any]:
     """Rates over the comparable pairs: ``pairs`` (comparable), ``label_flips`` (the flip of the pairs' flip_on
     mode), ``substantive_flips``, ``parse_failure_flips``, ``text_changes``, ``truncated_changes`` (text changes
     where a side stopped at max_tokens), and ``not_comparable`` / ``pairs_formed`` for the rest."""
-    cp = [p for p in pairs if p.get("comparable", True)]
-    n = len(cp)
-    flips = [p for p in cp if p["flip"]]
-    return {"pairs": n, "pairs_formed": len(pairs),
-            "label_flips": st.proportion(len(flips), n),
-            "substantive_flips": st.proportion(sum(p["flip_kind"] == "substantive" for p in flips), n),
-            "parse_failure_flips": st.proportion(sum(p["flip_kind"] == "parse_failure" for p in flips), n),
-            "text_changes": st.proportion(sum(p["text_change"] for p in cp), n),
-            "truncated_changes": sum(1 for p in cp if p["text_change"] and p["truncated"]),
-            "not_comparable": not_comparable(pairs, duplicates)}
+    return RateCounts().extend(pairs).result(duplicates)
 
 
 def count_field(records: Iterable[Mapping[str, Any]], field: str, value: Any) -> int:
@@ -311,7 +425,11 @@ def count_field(records: Iterable[Mapping[str, Any]], field: str, value: Any) ->
     return sum(1 for r in records if r.get(field) == value)
 
 
-def pair_distribution(pairs: Sequence[Mapping[str, Any]], a: str, b: str) -> list[dict[str, Any]]:
-    counts = Counter((p.get(a), p.get(b)) for p in pairs)
+def pair_distribution(pairs: Iterable[Mapping[str, Any]], a: str, b: str) -> list[dict[str, Any]]:
+    return pair_distribution_counts(Counter((p.get(a), p.get(b)) for p in pairs))
+
+
+def pair_distribution_counts(counts: Mapping[tuple, int]) -> list[dict[str, Any]]:
+    """``[{"solo", "batch", "count"}]`` of a Counter of (solo value, batch value), in value order."""
     return [{"solo": s, "batch": t, "count": c}
             for (s, t), c in sorted(counts.items(), key=lambda kv: (sort_key(kv[0][0]), sort_key(kv[0][1])))]

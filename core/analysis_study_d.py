@@ -13,6 +13,30 @@ from .analysis_pairs import sort_key as _sort_key
 STUDY_D_FIELDS = ("model", "domain", "task", "dispatcher", "batch_size", "phase", "original_direction",
                   "direction")
 _REASONS = ("error", "unlabelled", "prompt_mismatch")
+SLIM_FIELDS = ("backend", "backend_config", "model", "task", "item_id", "dispatcher", "batch_size", "peers",
+               "repeat", "domain", "phase", "original_direction", "direction", "flip", "flip_kind", "text_change",
+               "truncated", "comparable", "not_comparable", "solo_label", "batch_label", "solo_score",
+               "batch_score", "flip_on")
+
+
+class Slim:
+    """The part of a pair dict that Study D reads (``p["flip"]``, ``p.get("phase")``), in slots: what
+    ``evalhost report`` keeps of each pair when the run has two or more backends."""
+
+    __slots__ = SLIM_FIELDS
+
+    def __init__(self, p: Mapping[str, Any]) -> None:
+        for f in SLIM_FIELDS:
+            setattr(self, f, p.get(f))
+
+    def __getitem__(self, name: str) -> Any:
+        try:
+            return getattr(self, name)
+        except AttributeError:
+            raise KeyError(name) from None
+
+    def get(self, name: str, default: Any = None) -> Any:
+        return getattr(self, name, default)
 
 
 def _row_key(p: Mapping[str, Any]) -> tuple:

@@ -28,13 +28,13 @@ VERDICTS = ("genuine", "artifact", "skip")
 
 
 # -- inputs -----------------------------------------------------------------------------------------------------
-def _read_records(run_dir: Path) -> list[dict[str, Any]]:
-    """The run's records, streamed with evalhost.records' bounds (line length, gzip ratio, no links); a record
-    whose shape analysis cannot use (a list as a key, a dict as a label, a non-object line) is one UserError.
-    The analysis then holds the list in memory."""
-    from .records import find_records, read_records
+def _read_records(run_dir: Path) -> "an.RunRecords":
+    """The run's records as a re-iterable stream (:class:`evalhost.analysis_run.RunRecords`), never a list: each
+    pass reads the file with evalhost.records' bounds (line length, gzip ratio, no links); a record whose shape
+    analysis cannot use (a list as a key, a dict as a label, a non-object line) is one UserError."""
+    from .records import find_records
 
-    return read_records(find_records(run_dir), checked=True)
+    return an.RunRecords(find_records(run_dir))
 
 
 def _read_adjudications(run_dir: Path) -> dict[str, str]:
@@ -193,21 +193,13 @@ def _plugin_sections(summary: Mapping[str, Any], records: Sequence[Mapping[str, 
 
 
 # -- main -------------------------------------------------------------------------------------------------------
-def build_summary(records: Sequence[Mapping[str, Any]], adjudications: Mapping[str, str] | None = None,
-                  seed: int = 0, flip_on: str = "label") -> dict[str, Any]:
-    """Core summary plus the Study B / C / D parts that apply to these records; ``flip_on`` ("label" | "score")
-    says what a flip is."""
-    pairs = an.pair(records, flip_on)
-    summary = an.summarize(records, adjudications, flip_on=flip_on)
-    summary["label_pairs_by_scorer"] = label_pairs_by_scorer(records, pairs)
-    summary["margins"] = margins_summary(records, pairs)
-    summary["study_d"] = [an.compare_backends(records, a, b, pairs=pairs, flip_on=flip_on)
-                          for a, b, _ in an.comparable_backends(records, pairs)]
-    if len(summary["counts"]["models"]) >= 2:
-        summary["study_b"] = an.study_b(records, seed=seed, pairs=pairs, flip_on=flip_on)
-    if any(r.get("arm") is not None for r in records):
-        summary["study_c"] = an.composition(records, pairs=pairs, flip_on=flip_on)
-    return summary
+def build_summary(records: Sequence[Mapping[str, Any]] | "an.RunRecords",
+                  adjudications: Mapping[str, str] | None = None, seed: int = 0,
+                  flip_on: str = "label") -> dict[str, Any]:
+    """Core summary plus the Study B / C / D parts and the margins that apply to these records (a list, or the
+    stream :func:`_read_records` returns); ``flip_on`` ("label" | "score") says what a flip is.  The passes and
+    what they hold: :mod:`evalhost.analysis_run`."""
+    return an.summarize_run(records, adjudications, seed=seed, flip_on=flip_on).summary
 
 
 def _render(run_dir: Path, manifest: Mapping[str, Any], summary: Mapping[str, Any],
@@ -216,10 +208,8 @@ def _render(run_dir: Path, manifest: Mapping[str, Any], summary: Mapping[str, An
     show_cells = (summary["counts"]["backend_configs"] > 1 or summary["counts"]["max_repeat"] > 0
                   or "invariance" in made or any(any((c.get("not_comparable") or {}).values())
                                                  for c in summary["cells"]))
-    parts = [_header(run_dir, manifest, summary, records)]
-    from .validate import prompts_across_backends
-
-    warnings = prompts_across_backends(records)
+    parts = [_header(run_dir, manifest, summary, records.fingerprint_rows)]  # records: an.RunRecords
+    warnings = records.prompt_warnings
     if warnings:
         parts.append("**Warning:** " + "; ".join(warnings) + ".")
     if summary["counts"]["pairs"]:
@@ -256,14 +246,15 @@ def write_report(run_dir: str | Path, seed: int = 0, plots: bool = True) -> Path
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise UserError(f"run directory {run_dir} does not exist; pass the directory `evalhost run` created")
-    records = _read_records(run_dir)
+    records = _read_records(run_dir)  # a stream: the analysis keeps a compact projection (evalhost.analysis_run)
     if not records:
         raise UserError(f"{run_dir / 'records.jsonl'} holds no records; run the study (or resume it) first")
     manifest = _read_manifest(run_dir)
     adjudications = _read_adjudications(run_dir)
-    summary = build_summary(records, adjudications, seed=seed, flip_on=manifest.get("flip_on") or "label")
+    analysis = an.summarize_run(records, adjudications, seed=seed, flip_on=manifest.get("flip_on") or "label")
+    summary = analysis.summary
     summary["run"] = {"run_dir": run_dir.name,
-                      "study": manifest.get("study") or next((r.get("study") for r in records if r.get("study")), None),
+                      "study": manifest.get("study") or analysis.study,
                       "status": manifest.get("status"), "fingerprints": manifest.get("fingerprints") or {},
                       "evidence": manifest.get("evidence") or {}, "plugins": manifest.get("plugins")}
 
@@ -281,7 +272,7 @@ def write_report(run_dir: str | Path, seed: int = 0, plots: bool = True) -> Path
     RunDir(run_dir).write_atomic(SUMMARY, json.dumps(_json_safe(summary), indent=2, allow_nan=False) + "\n")
     from .report_html import write_html
 
-    write_html(run_dir, summary, records, an.pair(records, summary["flip_on"]))  # report.html, atomic like report.md
+    write_html(run_dir, summary, analysis.changed_records, analysis.changed_pairs)  # report.html, atomic
     return report
 
 
