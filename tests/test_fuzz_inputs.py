@@ -854,3 +854,14 @@ def test_hf_rows_and_options_that_crashed_are_one_sentence(case):
     with pytest.raises(UserError, match=needle.replace("(", r"\(").replace(")", r"\)")) as info:
         rows_to_items(HF_ROWS, "hf:owner/set", {"task": "t", "domain": "capability", **options})
     assert "\n" not in str(info.value) and len(str(info.value)) < 300
+
+
+def test_a_plan_beyond_the_cell_limit_is_refused_before_it_is_built(world):
+    """4096 batch sizes x 5 tasks: 20,485 cells (and millions of padded prompts) are counted, not built."""
+    from evalhost.plan import MAX_CELLS
+
+    study = toy_base(world)
+    study["dispatchers"][0]["batch_sizes"] = list(range(1, 4097))
+    study["tasks"] = [dict(study["tasks"][0], name=f"t{i}") for i in range(5)]
+    _refused(world, ["run", str(_write_study(world, study)), "--dry-run"], "20,485 cells",
+             f"would make 20,485 cells (1 model/backend configurations), more than the limit of {MAX_CELLS:,}")
