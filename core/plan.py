@@ -8,6 +8,9 @@ groups (the pairing Study D needs).
 Items that carry an explicit group (``metadata["group_members"]`` and ``metadata["position"]``, as the
 ``candidates`` task source rebuilds them from ``evalhost candidates`` rows) are run in that group instead, under the
 dispatcher named in ``metadata["dispatcher"]`` when the study lists it (every listed dispatcher otherwise).
+
+A plan is bounded: :func:`check_size` counts its cells and prompts from the study (:func:`plan_size`) and refuses
+more than :data:`MAX_CELLS` cells or :data:`MAX_PROMPTS` prompts before a single job is built.
 """
 from __future__ import annotations
 

@@ -3,6 +3,13 @@
 Every problem is reported as one sentence naming the file and the key (``tasks[1].limit``), with "did you mean" for
 misspelled keys; the CLI turns it into exit code 2. Plugin names are checked later, against the registry, in
 :mod:`evalhost.plan`.
+
+Bounds (so no input can make evalhost write outside ``output_dir``, recurse, or expand without end): ``study.name``
+is one path component of ``[A-Za-z0-9._-]``, at most :data:`MAX_NAME` characters, not ``.`` or ``..``; other names
+and labels at most :data:`MAX_NAME` characters, a matrix configuration's label at most :data:`MAX_LABEL`; tables
+and arrays nest at most :data:`MAX_DEPTH` levels; at most :data:`MAX_BACKEND_CONFIGS` backend configurations,
+counted from the matrix axes before any is expanded; options hold no TOML dates (they are recorded as JSON).
+:func:`load_study` (``evalhost run``) also applies :func:`check_output_dir`.
 """
 from __future__ import annotations
 
