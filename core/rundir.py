@@ -284,6 +284,19 @@ class RunDir:
         except (OSError, ValueError, UserError):
             return {}
 
+    def _live_holder(self, tries: int = 40, wait_s: float = 0.025) -> dict[str, Any]:
+        """The holder as written by the process that holds the lock now. A holder that has just taken the lock
+        may not have written its name yet (the file is empty, or still names a killed predecessor): read again for
+        up to about a second before settling for what is there."""
+        info: dict[str, Any] = {}
+        for _ in range(tries):
+            info = self.holder()
+            pid = info.get("pid")
+            if isinstance(pid, int) and not isinstance(pid, bool) and pid > 0 and _alive(pid):
+                return info
+            time.sleep(wait_s)
+        return info
+
     @contextlib.contextmanager
     def lock(self, purpose: str = "run") -> Iterator["RunDir"]:
         """Hold the run directory's lock for the ``with`` block (one writer at a time).
@@ -297,7 +310,7 @@ class RunDir:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
-                info = self.holder()
+                info = self._live_holder()
                 who = f"pid {info['pid']}" if isinstance(info.get("pid"), int) else "another process"
                 what = f" ({_shown(info.get('purpose'), 20)}: {_shown(info.get('command'), 120)})" \
                     if info.get("command") else ""
@@ -310,3 +323,13 @@ class RunDir:
             yield self
         finally:
             os.close(fd)  # closing the descriptor releases the flock
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError):
+        return True
+    return True

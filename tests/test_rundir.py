@@ -74,3 +74,28 @@ def test_open_append_appends(tmp_path):
 def test_missing_directory_is_one_sentence(tmp_path):
     with pytest.raises(UserError, match="does not exist"):
         RunDir(tmp_path / "nope").require()
+
+
+def test_a_refused_lock_names_a_holder_that_has_not_written_its_name_yet(tmp_path):
+    """The holder truncates the lock file and then writes its name: a second process arriving in between must
+    still be told who holds the directory (CI once saw 'in use by another process' there)."""
+    import threading
+    import time
+
+    rd = RunDir(tmp_path)
+    with rd.lock(purpose="run"):
+        lock_file = tmp_path / "run.lock"
+        name = lock_file.read_bytes()
+        lock_file.write_bytes(b"")  # the window between the holder's truncate and its write
+
+        def write_name_late():
+            time.sleep(0.2)
+            lock_file.write_bytes(name)
+
+        t = threading.Thread(target=write_name_late)
+        t.start()
+        with pytest.raises(UserError) as exc:
+            with RunDir(tmp_path).lock(purpose="run"):
+                pass
+        t.join()
+    assert f"in use by pid {os.getpid()}" in str(exc.value)
