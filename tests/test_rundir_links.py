@@ -155,3 +155,23 @@ def test_output_dir_that_is_a_file_is_one_sentence(tmp_path, toy_env):
     proc = _evalhost(["run", str(path), "--quiet", "--no-report"], toy_env)
     _refused(proc, "output_dir")
     assert afile.read_text() == "not a directory\n"
+
+
+def test_a_managed_server_never_appends_its_log_through_a_link(tmp_path):
+    """A received run directory may hold `server-*.log` as a link; a resume starting the server must refuse it and
+    leave the link's target untouched (issue 18: no file of a run directory is opened through a symlink)."""
+    import sys
+
+    from evalhost.errors import UserError
+    from evalhost.plugins.backends.server import ManagedServer, free_port
+
+    target = tmp_path / "elsewhere.txt"
+    target.write_text("precious\n")
+    log = tmp_path / "server-vllm.log"
+    log.symlink_to(target)
+    server = ManagedServer([sys.executable, "-c", "import time; time.sleep(60)"], port=free_port(), log_path=log,
+                           startup_timeout_s=5, log=lambda m: None)
+    with pytest.raises(UserError, match="symbolic link"):
+        server.start()
+    assert target.read_text() == "precious\n"
+    assert server.proc is None

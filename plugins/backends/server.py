@@ -87,6 +87,19 @@ def port_in_use(port: int, host: str = HOST) -> bool:
     return False
 
 
+def _open_log(path: Path):
+    """The server log, opened for appending without following a symbolic link: a run directory received from
+    someone else may hold a link named like a log, and a resume must not append through it."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+    except OSError as exc:
+        if path.is_symlink():
+            raise UserError(f"the server log {path} is a symbolic link; evalhost never writes through one - "
+                            f"remove the link and run again") from None
+        raise UserError(f"cannot open the server log {path} ({exc.strerror}); check the run directory") from None
+    return os.fdopen(fd, "ab")
+
+
 def tail_lines(path: Path, n: int = 20, start: int = 0) -> list[str]:
     """The last ``n`` lines of a log file (from byte offset ``start``)."""
     try:
@@ -252,7 +265,7 @@ class ManagedServer:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         env = dict(os.environ)
         env.update({str(k): str(v) for k, v in self.env.items()})
-        with open(self.log_path, "ab") as fh:
+        with _open_log(self.log_path) as fh:
             self.log_offset = fh.tell()
             fh.write(f"=== evalhost: starting {self.label} (start #{self.starts + 1}) at {time.ctime()}\n".encode())
             fh.flush()
