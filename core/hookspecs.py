@@ -39,6 +39,21 @@ def register_executors(register):
 
 
 @hookspec
-def report_sections(summary, records):
-    """Called by ``evalhost report`` after the core tables are computed, with the summary dict and the list of
-    record dicts. Return a markdown string (a section starting with ``## ``) to append, or None."""
+def report_sections(summary, records, run_dir, manifest, study):
+    """Called by ``evalhost report`` (and at the end of ``evalhost run``) once per report, after the core tables
+    are computed; a section that raises becomes a line under the report's Notes, never a failed report.
+
+    Name only the arguments you use: pluggy passes an implementation just the ones it names, so
+    ``def report_sections(summary):`` keeps working.
+
+    * ``summary``: the summary dict that also becomes ``summary.json``; its keys are listed in
+      :mod:`evalhost.analysis`'s module docstring ("Summary keys"), plus ``run`` (run directory name, study,
+      status, fingerprints, evidence, plugins);
+    * ``records``: the run's records, re-iterable (one dict per record, the fields of docs/architecture.md);
+    * ``run_dir``: the run directory as an :class:`evalhost.rundir.RunDir` (``run_dir.path`` is its Path; read
+      files through it, e.g. ``run_dir.read_json("manifest.json")``; write nothing there);
+    * ``manifest``: ``manifest.json`` as a dict (plugins with versions, stack fingerprints, evidence, status);
+    * ``study``: the run's ``study.toml`` parsed into a dict (``{"study": {...}, "tasks": [...], ...}``), or
+      None when the file is missing or does not parse.
+
+    Return a markdown string (a section starting with ``## ``) to append, or None."""

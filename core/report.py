@@ -171,17 +171,39 @@ def _cells(summary: Mapping[str, Any], plot: str | None, parallel: int = 1) -> s
     return "\n".join(out)
 
 
-def _plugin_sections(summary: Mapping[str, Any], records: Sequence[Mapping[str, Any]]) -> tuple[list[str], list[str]]:
-    """Markdown from every ``report_sections`` hook implementation; a failing plugin is named, not fatal."""
+def _study_dict(run_dir: Path) -> dict[str, Any] | None:
+    """The run's study.toml parsed (size-limited, no links), or None when absent or not valid TOML."""
+    from .rundir import STUDY, RunDir
+
+    try:
+        import tomllib
+    except ImportError:  # Python 3.10
+        import tomli as tomllib  # type: ignore[no-redef]
+    try:
+        return tomllib.loads(RunDir(run_dir).read_bytes(STUDY, 16 * 2**20).decode("utf-8"))
+    except (UserError, OSError, UnicodeDecodeError, ValueError):
+        return None
+
+
+def _plugin_sections(summary: Mapping[str, Any], records: Sequence[Mapping[str, Any]], run_dir: Path,
+                     manifest: Mapping[str, Any]) -> tuple[list[str], list[str]]:
+    """Markdown from every ``report_sections`` hook implementation; a failing plugin is named, not fatal. Each
+    implementation gets only the arguments it names (summary, records, run_dir, manifest, study: see
+    :func:`evalhost.hookspecs.report_sections`), as pluggy calls it."""
     try:
         from .registry import get_registry
 
         pm = get_registry().pm
     except Exception as exc:  # the report must not depend on every plugin being importable
         return [], [f"plugin report sections were skipped: {type(exc).__name__}: {exc}"]
+    from .rundir import RunDir
+
     sections, problems = [], []
-    kwargs = {"summary": summary, "records": records}
-    for impl in reversed(pm.hook.report_sections.get_hookimpls()):
+    impls = list(reversed(pm.hook.report_sections.get_hookimpls()))
+    study = _study_dict(run_dir) if any("study" in i.argnames for i in impls) else None
+    kwargs = {"summary": summary, "records": records, "run_dir": RunDir(run_dir), "manifest": dict(manifest),
+              "study": study}
+    for impl in impls:
         try:
             res = impl.function(**{k: kwargs[k] for k in impl.argnames if k in kwargs})
         except Exception as exc:
@@ -228,7 +250,7 @@ def _render(run_dir: Path, manifest: Mapping[str, Any], summary: Mapping[str, An
     if show_cells:
         parallel = int((manifest.get("executor") or {}).get("parallel") or 1)
         parts.append(_cells(summary, made.get("invariance"), parallel))
-    sections, problems = _plugin_sections(summary, records)
+    sections, problems = _plugin_sections(summary, records, run_dir, manifest)
     parts += sections
     notes += problems
     text = "\n\n".join(parts)

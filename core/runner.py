@@ -25,7 +25,8 @@ from .errors import RunError, UserError
 from .models import cache_dir
 from .plan import BackendWork, Job, build_plan, describe, record_key
 from .registry import Registry, get_registry, require_clean
-from .solo_cache import SoloCache, enabled as solo_enabled
+from .backend_extra import record_extra
+from .solo_cache import SoloCache, enabled as solo_enabled, plugins_in_use, solo_stack
 from .records import RECORDS, RecordWriter, recorded_keys, write_json_atomic
 from .rundir import MANIFEST, STUDY, RunDir
 from .study import Study, load_study
@@ -75,9 +76,11 @@ def execute_work(work: BackendWork, sampling: Sampling, context: RunContext, ski
             backend.preflight()
             backend.start()
         fp = {"backend_plugin": work.backend.plugin, "backend_config": work.backend.options,
-              "model": asdict(work.model), **backend.fingerprint()}
+              "model": asdict(work.model), **backend.fingerprint(),
+              # every plugin this work uses, as "distribution==version" (the backend's keys the solo cache)
+              "evalhost": __version__, "plugins": plugins_in_use(registry, work)}
         yield BackendStarted(work.label, fp, backend.evidence())
-        cache = SoloCache(context.cache_dir, fp) if solo_enabled() else None
+        cache = SoloCache(context.cache_dir, solo_stack(fp)) if solo_enabled() else None
         fleet = max(1, int(backend.solo_parallelism()))
         rendered: dict[tuple[str, str], str] = {}
         pending: list[tuple[Job, Group]] = []  # solo groups waiting for a free fleet slot
@@ -196,6 +199,8 @@ def build_records(study: Study, run_id: str, done: GroupDone, fid: str, scorers:
             "rationale": None if score is None else score.rationale, "scorer_error": scorer_error,
             "timings": t, "attempts": gen.attempts, "restarted": gen.restarted,
             "dispatch_evidence": result.evidence, "fingerprint_id": fid,
+            # Generation.extra, JSON-safe and at most 64 KiB (evalhost.backend_extra)
+            "backend_extra": record_extra(gen.extra),
             "candidate_kind": cand.get("kind"),
             # Study D: the discovery row's direction in the addendum's vocabulary (candidates task source)
             "original_direction": cand.get("original_direction"),

@@ -4,6 +4,12 @@ exact prompt text and the sampling parameters are all the same; a changed finger
 server args) changes the key, so stale entries are never used. Only repeat 0 is served from the cache: repeats exist
 to measure run-to-run nondeterminism and always run.
 
+The key's stack (:func:`solo_stack`) also holds the evalhost version and the backend plugin's distribution and
+version (from the registry), so installing another version of a backend plugin never reuses the solos of the old
+one, even when the plugin's own ``fingerprint()`` did not change. The other plugins a run uses (dispatchers,
+scorers, task sources; :func:`plugins_in_use`) are named in the manifest's fingerprint but not in the key: a solo
+generation does not depend on them, and studies that share a backend share its solos.
+
 Entries live under ``$EVALHOST_SOLO_CACHE_DIR`` or ``$EVALHOST_CACHE/solo/`` (see :func:`evalhost.models.cache_dir`), one JSON file each, written
 atomically. ``evalhost run --no-solo-cache`` (or ``EVALHOST_SOLO_CACHE=0``) turns it off.
 """
@@ -14,13 +20,58 @@ import json
 import os
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from . import __version__
 from .types import Generation, Sampling
+
+if TYPE_CHECKING:
+    from .plan import BackendWork
+    from .registry import Registry
 
 
 def enabled() -> bool:
     return os.environ.get("EVALHOST_SOLO_CACHE", "1") not in ("0", "false", "no")
+
+
+def _named(registry: "Registry", kind: str, name: str | None) -> str | None:
+    entry = registry.entries.get((kind, name)) if name else None
+    return f"{entry.distribution}=={entry.version}" if entry is not None else None
+
+
+def plugins_in_use(registry: "Registry", work: "BackendWork") -> dict[str, str]:
+    """``{"kind:name": "distribution==version"}`` for every plugin one backend's work uses: the backend, each
+    dispatcher, each scorer (the task's, else the item's) and each task source (the scheme of ``source``).
+    Computed from all the work's jobs, so a resume computes the same dict."""
+    used: set[tuple[str, str]] = {("backend", work.backend.plugin)}
+    for job in work.jobs:
+        used.add(("dispatcher", job.dispatcher.plugin))
+        scheme, sep, _ = str(job.task.source or "").partition(":")
+        if sep:
+            used.add(("task_source", scheme))
+        for item, _role in job.members:
+            cand = item.metadata.get("candidate") or {}
+            if cand.get("task_source"):
+                used.add(("task_source", str(cand["task_source"]).partition(":")[0]))
+            scorer = job.task.scorer or item.scorer
+            if scorer:
+                used.add(("scorer", scorer))
+    out = {}
+    for kind, name in sorted(used):
+        named = _named(registry, kind, name)
+        if named is not None:
+            out[f"{kind}:{name}"] = named
+    return out
+
+
+def solo_stack(fingerprint: dict[str, Any]) -> dict[str, Any]:
+    """The part of a backend's fingerprint that keys its solo cache: everything except the plugins that do not
+    touch a solo generation (only the ``backend:*`` entry of ``plugins`` stays), plus the evalhost version."""
+    plugins = fingerprint.get("plugins") or {}
+    stack = {k: v for k, v in fingerprint.items() if k != "plugins"}
+    stack["plugins"] = {k: v for k, v in plugins.items() if k.startswith("backend:")}
+    stack.setdefault("evalhost", __version__)
+    return stack
 
 
 class SoloCache:
