@@ -1,30 +1,40 @@
 """The whole summary of a run in a few streamed passes over its records, holding a compact projection.
 
 ``evalhost report`` never holds the records.  :func:`summarize_records` reads them from a *source*, a function
-that returns a fresh iterator over the records each time it is called (the records file streamed again with
-:func:`evalhost.records.iter_records`'s bounds, or a list), and makes these passes:
+that returns a fresh iterator over the records each time it is called (:class:`StreamSource`: the records file
+streamed again with :func:`evalhost.records.iter_records`' bounds; or a list), and makes these passes:
 
-1. every record: the record-level counts (:class:`evalhost.analysis_acc.Tally`), a 64-bit hash of each key (to
-   find duplicate keys: when two hash alike the pass is made again, keeping the exact keys of those records), and
-   for each solo record of repeat 0 its :func:`evalhost.analysis_pairs.project`-ion (labels, scores, finish
-   reason, scorer error, packed prompt and output hashes, whether the text is empty, compact token ids);
-2. every record again: each batch record is paired with its solo's projection at once (:func:`make_pair`) and fed
-   to the summary, Study B/C counters and, with two or more backends, a slotted Study D row
-   (:class:`evalhost.analysis_study_d.Slim`); repeats > 0 are compared with their repeat 0;
-3. only when some comparable pair changed (a flip or a text change): the full records of the changed pairs (:func:`records_for_keys`), for the logprob margins and for ``report.html``.
+1. every record (its shape checked): the record-level counts (:class:`evalhost.analysis_acc.Tally`), a 64-bit
+   hash of each key (to find duplicate keys: when two hash alike the pass is made again over the same records,
+   keeping the exact keys of those records), and for each solo record of repeat 0 its
+   :func:`evalhost.analysis_pairs.project`-ion (label, score, finish reason, scorer error, packed prompt and
+   output hashes, whether the text is empty, compact token ids);
+2. the same records again: each batch record is paired with its solo's projection at once (:func:`make_pair`)
+   and fed to the summary, the Study B/C counters and, with two or more backends, a slotted Study D row
+   (:class:`evalhost.analysis_study_d.Slim`); records of repeat != 0 are compared with their repeat 0; the pair
+   dicts of comparable pairs that flipped or changed text are kept (``RunSummary.changed_pairs``);
+3. only when some pair changed: the lines that hold those pairs' keys (a regular-expression look at the line,
+   then JSON), of which :func:`_changed_view` keeps what the logprob margins and report.html read (key, output
+   text, token ids, top-k logprobs at the divergent token) in ``RunSummary.changed_records``.
 
-So memory grows with the solo items (one projection each), the changed pairs (their full records) and, with two
-or more backends, the pairs (a ~250-byte row each); the full-record path is the same code with a list as the
-source (:func:`evalhost.report.build_summary`, :func:`evalhost.analysis.summarize`).
+Later passes read only the records the first pass counted (a run still writing may append meanwhile).  Memory
+grows with the solo items (one projection each, ~0.5-1 KB), the changed pairs (their pair dicts and views) and,
+with two or more backends, the pairs (a ~250-byte Study D row each); never with the other records.  The
+in-memory path is the same code with a list as the source (:func:`evalhost.report.build_summary`,
+:func:`evalhost.analysis.summarize`): one way to compute each number.
 
-**Getting the records of some keys** (e.g. both texts of the flips shown in report.html):
-``records_for_keys(source, keys)`` streams the source once and returns the first record of each key in ``keys``
-(file order); ``RunSummary.changed_records`` / ``RunSummary.changed_pairs`` are those of every comparable pair
-that flipped or changed text, already fetched by pass 3.
+**Getting the records of some keys** (e.g. both texts of the flips report.html shows):
+``records_for_keys(source, keys, view=None)`` streams the source once and returns the first record of each key
+in ``keys`` (file order), or ``view(record)`` of it; for a run directory use
+``RunRecords(find_records(run_dir)).source`` (or :func:`stream_source`) as the source.
 """
 from __future__ import annotations
 
+import json
+import re
 from collections.abc import Mapping as _MappingABC
+from itertools import islice
+from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Mapping
 
 from .analysis_acc import Tally, usable
@@ -106,7 +116,7 @@ def _changed_view(raw: Mapping[str, Any], need: Mapping[Any, set]) -> dict[str, 
 
 
 def records_for_keys(source: Source, keys: Iterable[Any],
-                     view: Callable[[Mapping[str, Any]], Any] | None = None) -> list[Any]:
+                     view: Callable[[Mapping[str, Any]], Any] | None = None, limit: int | None = None) -> list[Any]:
     """The first record (file order) of each key in ``keys``, in file order, streaming ``source`` once; keys
     compare as :func:`evalhost.analysis_pairs.clean` makes them (a list as key becomes its JSON text).  With
     ``view``, ``view(record)`` is kept instead of the record (so only that part is ever held).
@@ -115,7 +125,8 @@ def records_for_keys(source: Source, keys: Iterable[Any],
     {p["solo_key"] for p in ps}, lambda r: (r["key"], r.get("output_text")))``."""
     want = set(keys)
     out, seen = [], set()
-    for raw in source():
+    with_keys = getattr(source, "with_keys", None)
+    for raw in (with_keys(want, limit) if with_keys else islice(source(), limit)):
         if not isinstance(raw, _MappingABC):
             continue
         key = raw.get("key")
@@ -135,6 +146,7 @@ def summarize_records(source: Source, adjudications: Mapping[str, str] | None = 
 
     check_flip_on(flip_on)
     suspects: set | None = None
+    first = 0
     while True:  # pass 1, made twice only when two keys hash alike
         out, tally, prompts = RunSummary(), Tally(flip_on, adjudications), _PromptsAcross()
         dedupe = _Dedupe(suspects)
@@ -144,7 +156,8 @@ def summarize_records(source: Source, adjudications: Mapping[str, str] | None = 
         fps: set = set()
         has_arm = False
         recorded = False
-        for raw in source():
+        again = getattr(source, "again", None)
+        for raw in source() if suspects is None else again(first) if again else islice(source(), first):
             tally.given += 1
             if not isinstance(raw, _MappingABC):
                 tally.malformed += 1
@@ -171,6 +184,7 @@ def summarize_records(source: Source, adjudications: Mapping[str, str] | None = 
                 wanted_bases.add(hash(_repeat_key(r)))
         if suspects is not None:
             break
+        first = tally.given  # the second time, the same records (a run still writing may have appended more)
         suspects = dedupe.repeated_hashes()
         if not suspects:
             break
@@ -187,10 +201,12 @@ def summarize_records(source: Source, adjudications: Mapping[str, str] | None = 
     stash: list[tuple] = []  # records of repeat != 0, compared once every base is known
 
     dedupe = _Dedupe(suspects or set())
-    for raw in source():  # pass 2
+    for raw in (again(tally.given) if again else islice(source(), tally.given)):  # pass 2: pass 1's records only
         if not isinstance(raw, _MappingABC):
             continue
         prompts.see_again(raw)
+        if not (wanted_bases or suspects) and raw.get("condition") != "batch":
+            continue  # nothing of a solo record is needed again (no repeats, no duplicate keys)
         r = clean(raw)
         if not dedupe.first(r.get("key")):
             continue
@@ -256,7 +272,7 @@ def summarize_records(source: Source, adjudications: Mapping[str, str] | None = 
     flip_mode = flip_on
     summary["label_pairs_by_scorer"] = tally.scorer_pairs()
     if need:  # pass 3: what the margins and report.html read of the changed pairs' records
-        out.changed_records = records_for_keys(source, need, lambda r: _changed_view(r, need))
+        out.changed_records = records_for_keys(source, need, lambda r: _changed_view(r, need), tally.given)
     from .analysis_margins import margins
 
     summary["margins"] = margins(out.changed_records, out.changed_pairs)
@@ -276,15 +292,58 @@ def list_source(records: Iterable[Any]) -> Source:
     return lambda: iter(items)
 
 
-def stream_source(path: Any) -> Source:
-    """A source that streams a run's records file each time (bounded reads; a badly shaped record is one
-    UserError, see :func:`evalhost.records.iter_records`)."""
-    from .records import iter_records
+_KEY = re.compile(rb'"key"\s*:\s*"((?:[^"\\]|\\.)*)"')
 
-    def it() -> Iterator[dict[str, Any]]:
-        return iter_records(path, checked=True)
 
-    return it
+class StreamSource:
+    """A source that streams a run's records file each time with :func:`evalhost.records.iter_records`' bounds.
+    Calling it checks every record's shape (a badly shaped record is one UserError); :meth:`again` and
+    :meth:`with_keys` re-read the first ``n`` records, already checked (records are only ever appended, so they
+    are the same ones; anything appended meanwhile is left out)."""
+
+    def __init__(self, path: Any) -> None:
+        self.path = Path(path)
+
+    def __call__(self) -> Iterator[dict[str, Any]]:
+        from .records import iter_records
+
+        return iter_records(self.path, checked=True)
+
+    def again(self, n: int | None) -> Iterator[dict[str, Any]]:
+        from .records import iter_records
+
+        return islice(iter_records(self.path), n)
+
+    def with_keys(self, keys: set, n: int | None) -> Iterator[dict[str, Any]]:
+        """The first ``n`` records, parsing only the lines that hold one of ``keys`` as a ``"key"`` string
+        (checked records always have a string key)."""
+        from .records import _lines
+
+        count = 0
+        for _, raw, ended in _lines(self.path):
+            if not raw.strip():
+                continue
+            count += 1
+            if n is not None and count > n:
+                return
+            for m in _KEY.findall(raw):
+                try:
+                    if (json.loads(b'"' + m + b'"') if b"\\" in m else m.decode("utf-8")) in keys:
+                        break
+                except ValueError:  # UnicodeDecodeError included
+                    continue
+            else:
+                continue
+            try:
+                rec = json.loads(raw)
+            except (ValueError, RecursionError):
+                continue
+            if isinstance(rec, dict):
+                yield rec
+
+
+def stream_source(path: Any) -> StreamSource:
+    return StreamSource(path)
 
 
 class RunRecords:
