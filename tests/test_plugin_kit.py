@@ -239,3 +239,157 @@ def test_pluggy_passes_an_implementation_only_the_arguments_it_names():
     out = pm.hook.report_sections(summary={"n": 3}, records=[{}, {}], run_dir=None, manifest={},
                                   study={"study": {"name": "s"}})
     assert sorted(out) == ["new 2 s", "old 3"]
+
+
+# -- 4. evalhost.testing ---------------------------------------------------------------------------------------
+def _toy_text(tmp_path: Path, n_items: int = 6) -> str:
+    tasks = write_tasks(tmp_path / "tasks.jsonl", n_items)
+    return study_text(tasks, tmp_path / "runs", (2,)).replace(f'output_dir = "{tmp_path / "runs"}"\n', "")
+
+
+def test_register_module_and_run_study_in_without_installing(tmp_path, fresh_registry):
+    """The toy plugin module, never installed (no dist-info on sys.path): registered for a with block, a study
+    runs on it in tmp_path, and the registry is the old one afterwards."""
+    from evalhost.testing import register_module, run_study_in
+    from toy import evalhost_toy
+
+    before = reg_mod.get_registry()
+    assert ("backend", "toy") not in before.entries
+    with register_module(evalhost_toy) as registry:
+        assert registry.entry("backend", "toy").distribution == "toy.evalhost_toy (not installed)"
+        records = run_study_in(tmp_path, _toy_text(tmp_path))
+    assert reg_mod.get_registry() is before
+    assert len(records) == 12 and records.run_dir.parent == tmp_path / "runs"
+    assert records.manifest["status"] == "complete"
+    assert {r["condition"] for r in records} == {"solo", "batch"}
+    # the solo cache lives in tmp_path: a second run there hits it
+    again = run_study_in(tmp_path, _toy_text(tmp_path), plugins=[evalhost_toy])
+    assert all(r["dispatch_evidence"].get("solo_cache") == "hit" for r in again if r["condition"] == "solo")
+    assert (tmp_path / "solo-cache").is_dir()
+
+
+def test_register_module_refuses_a_broken_module(tmp_path, fresh_registry, monkeypatch):
+    from evalhost.errors import PluginError
+    from evalhost.testing import register_module
+
+    (tmp_path / "misspelled_plugin.py").write_text(
+        "from evalhost.api import hookimpl\n@hookimpl\ndef register_scorer(register):\n    pass\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(PluginError, match="misspelled_plugin.*implements a hook evalhost does not define"):
+        with register_module("misspelled_plugin"):
+            pass
+    assert reg_mod._REGISTRY is None
+
+
+def test_fake_server_fault_switches(tmp_path):
+    import httpx
+
+    from evalhost.testing import FakeServer
+
+    body = {"model": "m", "prompt": ["first prompt", "second"], "return_token_ids": True}
+    with FakeServer(tmp_path, fail_500_on=[1], omit_index_on=[3], die_on=[4]) as server:
+        assert server.url.startswith("http://127.0.0.1:")
+        assert httpx.post(server.url + "/v1/completions", json=body, timeout=10).status_code == 500
+        ok = httpx.post(server.url + "/v1/completions", json=body, timeout=10).json()
+        assert [c["index"] for c in ok["choices"]] == [1, 0]  # out of order on purpose
+        assert ok["choices"][1]["text"] == "echo:first prompt"  # "echo:" + the prompt's first 12 characters
+        assert ok["choices"][1]["token_ids"] == [ord(c) for c in ok["choices"][1]["text"]]
+        no_index = httpx.post(server.url + "/v1/completions", json=body, timeout=10).json()
+        assert all("index" not in c for c in no_index["choices"])
+        with pytest.raises(httpx.HTTPError):
+            httpx.post(server.url + "/v1/completions", json=body, timeout=10)
+        assert server.requests == 4
+        server.proc.wait(timeout=10)
+        assert server.proc.returncode == 9
+    assert "simulated crash on request #4" in server.log.read_text()
+
+
+def test_fake_server_argv_refuses_an_unknown_switch(tmp_path):
+    from evalhost.testing import fake_server_argv
+
+    assert fake_server_argv(1, tmp_path / "s", hang_on=2, exit_at_start=True)[-3:] == ["--hang-on", "2",
+                                                                                        "--exit-at-start"]
+    with pytest.raises(TypeError, match="unknown fake server option 'die_at'"):
+        fake_server_argv(1, tmp_path / "s", die_at=[1])
+
+
+# -- 5. the example backend distribution ---------------------------------------------------------------------
+ECHO = Path(__file__).resolve().parents[1] / "examples" / "evalhost-echo-backend"
+
+
+ECHO_STUDY = """
+[study]
+name = "echo"
+
+[[models]]
+name = "none"
+path = "none"
+
+[[backends]]
+name = "echo"
+options = { batch_noise = 0.25 }
+
+[[dispatchers]]
+name = "prompt_list"
+batch_sizes = [4]
+
+[[tasks]]
+name = "asks"
+source = "jsonl:asks.jsonl"
+scorer = "refusal"
+"""
+
+
+@pytest.fixture(scope="module")
+def echo_installed():
+    """The example installed for real (scripts/setup.sh does it; this installs it when missing)."""
+    import importlib.metadata as md
+    import subprocess
+
+    try:
+        version = md.version("evalhost-echo-backend")
+    except md.PackageNotFoundError:
+        version = None
+    if version != "0.1.0":
+        proc = subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "--no-build-isolation",
+                               "--quiet", str(ECHO)], capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        importlib.invalidate_caches()
+    return md.version("evalhost-echo-backend")
+
+
+def test_echo_example_runs_through_its_entry_point_and_shows_flips(tmp_path, echo_installed, fresh_registry):
+    from evalhost.testing import run_study_in
+
+    entry = reg_mod.get_registry().entry("backend", "echo")
+    assert (entry.distribution, entry.version, entry.plugin) == ("evalhost-echo-backend", "0.1.0", "echo")
+    with open(tmp_path / "asks.jsonl", "w") as fh:
+        for i in range(24):
+            fh.write(json.dumps({"id": f"a{i:02d}", "prompt": f"Tell me fact {i} about rivers.",
+                                 "domain": "safety"}) + "\n")
+    records = run_study_in(tmp_path, ECHO_STUDY)
+    solo = {r["item_id"]: r["label"] for r in records if r["condition"] == "solo"}
+    flips = [r for r in records if r["condition"] == "batch" and r["label"] != solo[r["item_id"]]]
+    assert set(solo.values()) == {"comply"} and 1 <= len(flips) < 24
+    assert all(r["backend_extra"]["perturbed"] for r in flips)
+    fp = records.manifest["fingerprints"][records[0]["fingerprint_id"]]
+    assert fp["plugins"]["backend:echo"] == "evalhost-echo-backend==0.1.0"
+
+
+def test_echo_example_own_tests_pass(echo_installed):
+    """The example's own test suite, run the way its author runs it (pytest in its directory)."""
+    import subprocess
+
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests"], cwd=ECHO,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
+    assert " passed" in proc.stdout and "failed" not in proc.stdout
+
+
+def test_echo_example_imports_only_the_api():
+    import ast
+
+    src = (ECHO / "evalhost_echo_backend" / "__init__.py").read_text()
+    names = {n.module for n in ast.walk(ast.parse(src)) if isinstance(n, ast.ImportFrom) and n.module}
+    names |= {a.name for n in ast.walk(ast.parse(src)) if isinstance(n, ast.Import) for a in n.names}
+    assert {n for n in names if n.split(".")[0] == "evalhost"} == {"evalhost.api"}
