@@ -35,8 +35,21 @@ def enabled() -> bool:
 
 
 def _named(registry: "Registry", kind: str, name: str | None) -> str | None:
-    entry = registry.entries.get((kind, name)) if name else None
+    """``distribution==version`` of the plugin ``name`` (bare or ``distribution:name``) picks, else None."""
+    if not name:
+        return None
+    find = getattr(registry, "find", None)
+    entry = find(kind, name) if find is not None else registry.entries.get((kind, name))
     return f"{entry.distribution}=={entry.version}" if entry is not None else None
+
+
+def _scheme(source: str, registry: "Registry") -> str | None:
+    """The task-source name of ``scheme:location`` or ``distribution:scheme:location``."""
+    parts = str(source or "").split(":")
+    for n in (1, 2):
+        if len(parts) > n and _named(registry, "task_source", ":".join(parts[:n])) is not None:
+            return ":".join(parts[:n])
+    return None
 
 
 def plugins_in_use(registry: "Registry", work: "BackendWork") -> dict[str, str]:
@@ -46,13 +59,11 @@ def plugins_in_use(registry: "Registry", work: "BackendWork") -> dict[str, str]:
     used: set[tuple[str, str]] = {("backend", work.backend.plugin)}
     for job in work.jobs:
         used.add(("dispatcher", job.dispatcher.plugin))
-        scheme, sep, _ = str(job.task.source or "").partition(":")
-        if sep:
-            used.add(("task_source", scheme))
+        used.add(("task_source", _scheme(job.task.source, registry) or ""))
         for item, _role in job.members:
             cand = item.metadata.get("candidate") or {}
             if cand.get("task_source"):
-                used.add(("task_source", str(cand["task_source"]).partition(":")[0]))
+                used.add(("task_source", _scheme(cand["task_source"], registry) or ""))
             scorer = job.task.scorer or item.scorer
             if scorer:
                 used.add(("scorer", scorer))

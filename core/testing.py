@@ -60,9 +60,10 @@ def register_module(module: types.ModuleType | str, name: str | None = None) -> 
     """Within the ``with`` block, the registry evalhost uses (:func:`evalhost.registry.get_registry`) is the
     built-ins, the installed entry points and ``module`` (a module or its dotted name), registered under ``name``
     (default: the module's name). Yields that registry. A module already loaded (e.g. through its own entry point)
-    is not registered twice. A problem with the module (a misspelled hook, a name another plugin has) raises
-    :class:`evalhost.errors.PluginError` naming it, rather than being listed quietly as ``evalhost run`` does.
-    The previous registry is restored at the end."""
+    is not registered twice. A module that cannot be registered (a misspelled hook) raises
+    :class:`evalhost.errors.PluginError` naming the problem, rather than being listed quietly as ``evalhost run``
+    does; a name another plugin also registers follows evalhost's collision rule (a study must then qualify it,
+    e.g. ``MODULE_NAME:refusal``). The previous registry is restored at the end."""
     from . import registry as reg_mod
     from .errors import PluginError
 
@@ -80,8 +81,8 @@ def register_module(module: types.ModuleType | str, name: str | None = None) -> 
         for entry in registry.entries.values():
             if entry.plugin == (name or module.__name__) and entry.version == "unknown":
                 entry.version = version
-        if len(registry.problems) > before:
-            raise PluginError("; ".join(registry.problems[before:]))
+        if not registry.pm.is_registered(module):
+            raise PluginError("; ".join(registry.problems[before:]) or f"module {module.__name__} was not registered")
     reg_mod._REGISTRY = registry
     try:
         yield registry
@@ -171,11 +172,19 @@ FAULTS = ("die_on", "fail_500_on", "hang_on", "short_on", "omit_index_on", "repe
           "index_out_of_range_on", "bad_token_ids_on", "drip_on")
 
 
+_HANDED_OUT: set[int] = set()
+
+
 def free_port() -> int:
-    """A TCP port on 127.0.0.1 that was free a moment ago."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A TCP port on 127.0.0.1 that was free a moment ago and that this process has not handed out before."""
+    for _ in range(100):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if port not in _HANDED_OUT:
+            _HANDED_OUT.add(port)
+            return port
+    raise RuntimeError("no free TCP port on 127.0.0.1")
 
 
 def fake_server_argv(port: int, state: str | os.PathLike[str], **faults: Any) -> list[str]:

@@ -3,14 +3,11 @@ API key's secrecy (checked with the fake server, which enforces the key)."""
 from __future__ import annotations
 
 import asyncio
-import sys
-from pathlib import Path
 
 import pytest
 
 from evalhost.errors import RunError, UserError
 from evalhost.plugins.backends.openai import OpenAIBackend
-from evalhost.plugins.backends.server import ManagedServer, free_port
 from evalhost.types import CONCURRENT, PROMPT_LIST, RunContext, Sampling, TaskItem
 
 SECRET = "sk-test-0123456789abcdef-never-log-me"
@@ -65,12 +62,9 @@ def test_against_real_vllm_server(vllm_server, small_model, tmp_path, monkeypatc
 
 def test_key_never_in_errors_or_logs(small_model, tmp_path, monkeypatch):
     """The fake server demands a different key: the 401 error and the logs must not contain ours."""
-    fake = Path(__file__).with_name("fake_server.py")
-    port = free_port()
-    server = ManagedServer([sys.executable, str(fake), "--port", str(port), "--state", str(tmp_path / "n"),
-                            "--require-key", "the-right-key", "--fail-500-on", "1"],
-                           port=port, log_path=tmp_path / "fake.log", startup_timeout_s=30, log=lambda m: None)
-    server.start()
+    from evalhost.testing import FakeServer
+
+    server = FakeServer(tmp_path, require_key="the-right-key", fail_500_on=[1]).start()
     try:
         monkeypatch.setenv("EVALHOST_TEST_KEY", SECRET)
         lines: list[str] = []
@@ -91,7 +85,7 @@ def test_key_never_in_errors_or_logs(small_model, tmp_path, monkeypatch):
         good.close()
     finally:
         server.stop()
-    assert SECRET not in (tmp_path / "fake.log").read_text()
+    assert SECRET not in server.log.read_text()
 
 
 # -- client-side rendering (no server) ---------------------------------------------------------

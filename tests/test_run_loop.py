@@ -28,10 +28,11 @@ def _fingerprint(records):
     return sorted((r["key"], r["output_sha256"], r["label"]) for r in records)
 
 
-def test_run_writes_paired_records_and_manifest(tmp_path, toy_env, monkeypatch):
-    monkeypatch.setenv("EVALHOST_SOLO_CACHE", "0")
-    run_dir = run_file(_study(tmp_path), progress=False, report=False, out=lambda s: None)
-    records = read_records(run_dir / "records.jsonl")
+def test_run_writes_paired_records_and_manifest(tmp_path, toy_env):
+    from evalhost.testing import run_study_in
+
+    records = run_study_in(tmp_path, _study(tmp_path).read_text(), solo_cache=False)
+    run_dir = records.run_dir
     assert len(records) == 12 * 3  # solo + bs2 + bs4, every item a target once per cell
     solo = [r for r in records if r["condition"] == "solo"]
     assert {r["batch_size"] for r in solo} == {1} and {r["dispatcher"] for r in solo} == {"solo"}

@@ -15,6 +15,7 @@ import pytest
 from evalhost.errors import RunError, UserError
 from evalhost.plugins.backends.server import ManagedServer, port_in_use
 from evalhost.plugins.backends.vllm import VLLMBackend
+from evalhost.testing import fake_server_argv
 from evalhost.types import ModelSpec, RunContext, Sampling
 
 FAKE = Path(__file__).with_name("fake_server.py")
@@ -34,7 +35,7 @@ class FakeVLLM(VLLMBackend):
 
     def server_argv(self, port: int) -> list[str]:
         state = Path(self.context.run_dir) / "requests.count"
-        return [sys.executable, str(FAKE), "--port", str(port), "--state", str(state), *self.fake_args]
+        return fake_server_argv(port, state) + list(self.fake_args)  # evalhost.testing's fake server
 
 
 def make(tmp_path: Path, fake_args: list[str], **options) -> tuple[FakeVLLM, list[str]]:
