@@ -387,9 +387,13 @@ def test_echo_example_own_tests_pass(echo_installed):
 
 
 def test_echo_example_imports_only_the_api():
+    """The plugin and its tests import evalhost.api and nothing else of evalhost."""
     import ast
 
-    src = (ECHO / "evalhost_echo_backend" / "__init__.py").read_text()
-    names = {n.module for n in ast.walk(ast.parse(src)) if isinstance(n, ast.ImportFrom) and n.module}
-    names |= {a.name for n in ast.walk(ast.parse(src)) if isinstance(n, ast.Import) for a in n.names}
-    assert {n for n in names if n.split(".")[0] == "evalhost"} == {"evalhost.api"}
+    files = [ECHO / "evalhost_echo_backend" / "__init__.py", *sorted((ECHO / "tests").glob("*.py"))]
+    for path in files:
+        tree = ast.parse(path.read_text())
+        names = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
+        names |= {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+        assert {n for n in names if n.split(".")[0] == "evalhost"} <= {"evalhost.api"}, path
+    assert "evalhost.api" in (ECHO / "evalhost_echo_backend" / "__init__.py").read_text()

@@ -1,4 +1,5 @@
-"""Tests of the echo backend, written as a plugin author writes them: with evalhost.testing, without a server."""
+"""Tests of the echo backend, written as a plugin author writes them: with evalhost.api's testing helpers
+(evalhost.testing), without installing the plugin and without a server."""
 from __future__ import annotations
 
 import json
@@ -6,8 +7,7 @@ import json
 import pytest
 
 import evalhost_echo_backend as echo_mod
-from evalhost.api import Sampling, UserError
-from evalhost.testing import register_module, run_study_in
+from evalhost.api import ModelSpec, RunContext, Sampling, UserError, register_module, run_study_in
 
 STUDY = """
 [study]
@@ -92,8 +92,6 @@ def test_a_bad_option_is_one_sentence():
 
 
 def test_generate_reports_the_group_in_extra():
-    from evalhost.api import ModelSpec, RunContext
-
     backend = echo_mod.EchoBackend(ModelSpec("m", "none"), {}, RunContext(run_dir=".", cache_dir="."))
     backend.start()
     gens = backend.generate(["a b", "c d"], Sampling(max_tokens=4))
