@@ -216,7 +216,8 @@ def test_report_sections_gets_run_dir_manifest_and_study_and_old_ones_still_work
 
 def test_pluggy_passes_an_implementation_only_the_arguments_it_names():
     """What the backwards compatibility rests on: pluggy's own hook call with every argument reaches an
-    implementation that names only ``summary`` (pluggy documents this: implementations may take fewer)."""
+    implementation that names only ``summary``. pluggy: "Args are always opt in for hookimpls regardless of whether
+    the spec or call defines more then the impl accepts" (pytest-dev/pluggy commit 429c5fc, issue #170)."""
     import pluggy
 
     from evalhost import hookspecs
