@@ -100,18 +100,32 @@ def _mde_items(target_mde: float, baseline: float | None) -> int:
 @cli.command()
 @click.option("--json", "as_json", is_flag=True, help="JSON output.")
 def plugins(as_json):
-    """List registered backends, dispatchers, scorers, task sources and executors."""
+    """List every plugin with its distribution, version, the hooks it implements and the names it registers.
+
+    EVALHOST_LOAD_PLUGINS=a,b loads only those third-party plugins (empty: none)."""
     from .registry import get_registry
 
     reg = get_registry()
-    rows = [{"kind": e.kind, "name": e.name, "plugin": e.plugin, "distribution": e.distribution,
-             "version": e.version} for e in sorted(reg.entries.values(), key=lambda e: (e.kind, e.name))]
+    entries = sorted([*reg.entries.values(), *(e for rivals in reg.contested.values() for e in rivals)],
+                     key=lambda e: (e.kind, e.name, e.distribution))
+    names = [{"kind": e.kind, "name": e.name, "plugin": e.plugin, "distribution": e.distribution,
+              "version": e.version, **({"contested": True} if (e.kind, e.name) in reg.contested else {})}
+             for e in entries]
+    rows = [{**p, "registers": [{"kind": e.kind, "name": e.name} for e in entries if e.plugin == p["name"]
+                                and e.distribution == p["distribution"]]} for p in reg.plugins]
     if as_json:
-        click.echo(json.dumps({"plugins": rows, "problems": reg.problems}, indent=2))
+        # "plugins": one row per registered name (kind, name, plugin, distribution, version); "modules": one row
+        # per loaded plugin with the hooks it implements and the names it registers (a report_sections-only
+        # plugin is there too); "problems": plugins left out or contested names
+        click.echo(json.dumps({"plugins": names, "modules": rows, "problems": reg.problems}, indent=2))
         return
-    click.echo(f"{'kind':<12} {'name':<18} {'distribution':<24} {'version':<10} plugin")
     for r in rows:
-        click.echo(f"{r['kind']:<12} {r['name']:<18} {r['distribution']:<24} {r['version']:<10} {r['plugin']}")
+        click.echo(f"{r['name']}  ({r['distribution']} {r['version']})")
+        click.echo(f"  hooks: {', '.join(r['hooks']) or 'none'}")
+        if r["registers"]:
+            click.echo("  registers: " + ", ".join(f"{x['kind'].replace('_', ' ')} {x['name']}"
+                                                   + (" (contested)" if (x["kind"], x["name"]) in reg.contested
+                                                      else "") for x in r["registers"]))
     for p in reg.problems:
         click.echo(f"problem: {p}")
 

@@ -87,7 +87,13 @@ def cell_id(model: str, backend: str, task: str, dispatcher: str, batch_size: in
 
 # ---------------------------------------------------------------------------------------------------- tasks
 def split_source(source: str, registry: Registry) -> tuple[str, str]:
+    """``"scheme:location"`` -> (scheme, location); a qualified ``"distribution:scheme:location"`` keeps
+    ``distribution:scheme`` as the scheme (the collision rule of :mod:`evalhost.registry`)."""
     scheme, sep, location = source.partition(":")
+    if sep and scheme not in registry.names("task_source") and registry.is_qualifier(scheme):
+        inner, sep2, rest = location.partition(":")
+        if sep2 and inner in registry.names("task_source"):
+            return f"{scheme}:{inner}", rest
     if sep and scheme in registry.names("task_source"):
         return scheme, location
     lowered = source.lower()
@@ -128,6 +134,22 @@ def load_task(spec: TaskSpec, registry: Registry, base_dir: Path | None = None) 
     return items
 
 
+class ItemLoader:
+    """``RunContext.load_items``: a task source spec (``"builtin:benign"``, ``"jsonl:fillers.jsonl"``) -> its items,
+    through the registry of the process it runs in; a relative path is read from ``base_dir`` (the study file's
+    folder). Picklable, so an executor can hand it to a worker process."""
+
+    def __init__(self, base_dir: str | Path | None = None) -> None:
+        self.base_dir = None if base_dir is None else str(base_dir)
+
+    def __call__(self, spec: str) -> list[TaskItem]:
+        from .registry import get_registry
+
+        name = spec.split(":")[-1].split("/")[-1]
+        return load_task(TaskSpec(name=name, source=spec), get_registry(),
+                         Path(self.base_dir) if self.base_dir is not None else None)
+
+
 def make_groups(items: list[TaskItem], batch_size: int, seed: int, task: str) -> list[list[tuple[TaskItem, str]]]:
     """Deterministic groups of ``batch_size``: shuffle by seed, chunk; a short last chunk is padded with fillers."""
     order = list(items)
@@ -144,10 +166,13 @@ def make_groups(items: list[TaskItem], batch_size: int, seed: int, task: str) ->
 
 
 # ---------------------------------------------------------------------------------------------------- plan
-def _check_plugins(study: Study, registry: Registry) -> None:
+def check_plugins(study: Study, registry: Registry) -> None:
+    """Every plugin the study names exists, is not contested, and accepts its options: ``check_options`` of each
+    backend, dispatcher, task source and scorer, before a task is loaded, a run directory made or a server started
+    (``evalhost run --dry-run`` says the same). The executor's options are checked where it is built
+    (:func:`evalhost.runner.run_study`)."""
     for b in study.backends:
-        cls = registry.get("backend", b.plugin)
-        cls.check_options(b.options)
+        registry.get("backend", b.plugin).check_options(b.options)
     for d in study.dispatchers:
         cls = registry.get("dispatcher", d.plugin)
         cls.check_options(d.options)
@@ -157,14 +182,31 @@ def _check_plugins(study: Study, registry: Registry) -> None:
                 raise UserError(
                     f"dispatcher '{d.label}' needs {', '.join(sorted(need))}, which backend '{b.label}' "
                     f"({b.plugin}) cannot do; use a serving backend (vllm, openai) or drop this dispatcher")
+    for t in study.tasks:
+        scheme, _ = split_source(t.source, registry)
+        _prefixed(f"task '{t.name}' ({scheme})", registry.get("task_source", scheme).check_options, t.options)
+        if t.scorer:
+            _prefixed(f"task '{t.name}'", registry.get("scorer", t.scorer).check_options, t.scorer_options)
+
+
+def _prefixed(where: str, check, options: dict[str, Any]) -> None:
+    """Run a plugin's ``check_options``; its sentence gets ``where`` in front unless it already names a task."""
+    try:
+        check(dict(options))
+    except UserError as exc:
+        text = str(exc)
+        raise type(exc)(text if text.startswith("task '") else f"{where}: {text}") from None
 
 
 def _scorer_for(task: TaskSpec, items: list[TaskItem], registry: Registry) -> None:
-    names = {task.scorer} if task.scorer else {i.scorer for i in items}
+    """The scorers of a task's items exist (and, with the task's ``scorer_options``, accept them)."""
+    if task.scorer:
+        return  # checked with its options in check_plugins
+    names = {i.scorer for i in items}
     if None in names:
         raise UserError(f"task '{task.name}' has items without a scorer; set scorer = \"...\" in its [[tasks]] entry")
-    for n in names:
-        registry.get("scorer", n)
+    for n in sorted(names):
+        _prefixed(f"task '{task.name}'", registry.get("scorer", n).check_options, task.scorer_options)
 
 
 MAX_CELLS = 20_000
@@ -210,7 +252,7 @@ def check_size(study: Study, tasks: dict[str, list[TaskItem]], registry: Registr
 
 
 def build_plan(study: Study, registry: Registry) -> Plan:
-    _check_plugins(study, registry)
+    check_plugins(study, registry)
     base = study.path.parent if study.path else None
     tasks = {t.name: load_task(t, registry, base) for t in study.tasks}
     for t in study.tasks:

@@ -1,12 +1,20 @@
 """Plugin loading: built-ins first (the same way as third-party plugins), then the ``evalhost`` entry points.
 
-A plugin that fails to import, implements a misspelled hook, or registers a name another plugin already has is
-recorded as a *problem* (naming the plugin and its distribution) and left out; the rest keep working.
-``evalhost plugins`` lists problems; ``evalhost run`` prints them and stops only if the study needs the name.
+A plugin that fails to import or implements a misspelled hook is recorded as a *problem* (naming the plugin and its
+distribution) and left out; the rest keep working. ``evalhost plugins`` lists every plugin with the hooks it
+implements, and the problems.
+
+**One collision rule for every kind.** When two plugins register the same name for the same kind (two scorers
+``refusal``, two backends ``vllm``), neither owns the bare name: a study that uses it is refused with one sentence
+that says how to pick one, ``distribution:name`` (e.g. ``scorer = "evalhost-dup:refusal"``; the plugin's entry-point
+name works too). A contested name the study does not use is only a warning. Every registered name can always be
+written qualified.
+
+``EVALHOST_LOAD_PLUGINS=a,b`` loads only those third-party plugins (entry-point or distribution names; empty: none);
+the built-ins always load. ``EVALHOST_PLUGINS=default`` is the older spelling of ``EVALHOST_LOAD_PLUGINS=``.
 """
 from __future__ import annotations
 
-import difflib
 import importlib
 import importlib.metadata as md
 import os
@@ -17,6 +25,7 @@ import pluggy
 
 from . import hookspecs
 from .errors import PluginError, UserError
+from .options import did_you_mean
 
 KINDS = ("backend", "dispatcher", "scorer", "task_source", "executor")
 
@@ -54,31 +63,65 @@ class Entry:
 
 @dataclass
 class Registry:
-    entries: dict[tuple[str, str], Entry] = field(default_factory=dict)
+    entries: dict[tuple[str, str], Entry] = field(default_factory=dict)  # names registered once
+    contested: dict[tuple[str, str], list[Entry]] = field(default_factory=dict)  # names two plugins registered
     problems: list[str] = field(default_factory=list)
-    plugins: list[dict[str, Any]] = field(default_factory=list)
+    plugins: list[dict[str, Any]] = field(default_factory=list)  # name, distribution, version, hooks
 
     def names(self, kind: str) -> list[str]:
-        return sorted(name for (k, name) in self.entries if k == kind)
+        return sorted({name for (k, name) in [*self.entries, *self.contested] if k == kind})
+
+    def find(self, kind: str, name: str) -> Entry | None:
+        """The entry ``name`` (bare, or qualified ``distribution:name`` / ``plugin:name``) picks, or None when it
+        picks none or a contested one."""
+        if (kind, name) in self.entries:
+            return self.entries[(kind, name)]
+        qualifier, sep, bare = name.partition(":")
+        if not sep:
+            return None
+        found = [e for e in self._all(kind, bare) if qualifier in (e.distribution, e.plugin)]
+        return found[0] if len(found) == 1 else None
+
+    def _all(self, kind: str, name: str) -> list[Entry]:
+        if (kind, name) in self.contested:
+            return self.contested[(kind, name)]
+        return [self.entries[(kind, name)]] if (kind, name) in self.entries else []
 
     def get(self, kind: str, name: str) -> type:
-        entry = self.entries.get((kind, name))
-        if entry is None:
-            known = self.names(kind)
-            hint = difflib.get_close_matches(name, known, n=1)
-            why = next((p for p in self.problems if f"'{name}'" in p), None)
-            msg = f"unknown {kind.replace('_', ' ')} '{name}'"
-            if hint:
-                msg += f" (did you mean '{hint[0]}'?)"
-            msg += f"; known: {', '.join(known) or 'none'}"
-            if why:
-                msg += f"; note: {why}"
-            raise UserError(msg)
-        return entry.cls
+        """The class ``name`` picks for ``kind``; an unknown or contested name is one sentence (UserError)."""
+        entry = self.find(kind, name)
+        if entry is not None:
+            return entry.cls
+        what = kind.replace("_", " ")
+        if (kind, name) in self.contested:
+            raise PluginError(contested_sentence(kind, name, self.contested[(kind, name)]))
+        known = self.names(kind)
+        msg = f"unknown {what} '{name}'{did_you_mean(name, known)}; known: {', '.join(known) or 'none'}"
+        why = next((p for p in self.problems if f"'{name}'" in p), None)
+        if why:
+            msg += f"; note: {why}"
+        raise UserError(msg)
 
     def entry(self, kind: str, name: str) -> Entry:
         self.get(kind, name)
-        return self.entries[(kind, name)]
+        return self.find(kind, name)  # type: ignore[return-value]
+
+    def is_qualifier(self, word: str) -> bool:
+        """Whether ``word`` names a distribution or plugin, as in ``distribution:name``."""
+        return any(word in (p["name"], p["distribution"]) for p in self.plugins)
+
+
+def _qualifier(entry: Entry, rivals: list[Entry]) -> str:
+    same_dist = sum(e.distribution == entry.distribution for e in rivals) > 1
+    return entry.plugin if same_dist else entry.distribution
+
+
+def contested_sentence(kind: str, name: str, rivals: list[Entry]) -> str:
+    what = kind.replace("_", " ")
+    who = " and ".join(f"plugin '{e.plugin}' (distribution {e.distribution})" for e in rivals)
+    picks = " or ".join(f"'{_qualifier(e, rivals)}:{name}'" for e in rivals)
+    return (f"{what} '{name}' is registered by {who}; name the one you mean as {picks} in the study (or "
+            f"uninstall one of them)")
 
 
 def _version(dist: str) -> str:
@@ -104,15 +147,20 @@ def _collect(registry: Registry, pm: pluggy.PluginManager, plugin: object, plugi
         for impl in impls:
             def register(name: str, cls: type, _kind: str = kind) -> None:
                 key = (_kind, name)
-                if key in registry.entries:
-                    other = registry.entries[key]
+                new = Entry(_kind, name, cls, plugin_name, dist, version)
+                if key in registry.entries or key in registry.contested:
+                    rivals = registry.contested.setdefault(key, [])
+                    if key in registry.entries:
+                        rivals.append(registry.entries.pop(key))
+                    first = rivals[0]
+                    rivals.append(new)
                     registry.problems.append(
-                        f"{_kind.replace('_', ' ')} '{name}' from plugin '{plugin_name}' (distribution {dist}) "
-                        f"is already registered by plugin '{other.plugin}' (distribution {other.distribution}); "
-                        f"uninstall one of them or rename the plugin's {_kind.replace('_', ' ')}"
-                    )
+                        f"{_kind.replace('_', ' ')} '{name}' from plugin '{plugin_name}' (distribution {dist}) is "
+                        f"also registered by plugin '{first.plugin}' (distribution {first.distribution}); a study "
+                        f"that uses '{name}' must name one: " + " or ".join(
+                            f"'{_qualifier(e, rivals)}:{name}'" for e in rivals))
                     return
-                registry.entries[key] = Entry(_kind, name, cls, plugin_name, dist, version)
+                registry.entries[key] = new
 
             impl.function(register=register)
 
@@ -131,15 +179,28 @@ def _register(registry: Registry, pm: pluggy.PluginManager, plugin: object, name
             f"check the hook's spelling against evalhost.hookspecs"
         )
         return
+    except ValueError as exc:  # the same module or plugin name twice (two entry points of one module)
+        registry.problems.append(f"plugin '{name}' (distribution {dist}) was not loaded: {exc}")
+        return
     _collect(registry, pm, plugin, name, dist)
-    registry.plugins.append({"name": name, "distribution": dist, "version": _version(dist)})
+    hooks = sorted(h.name for h in (pm.get_hookcallers(plugin) or []))
+    registry.plugins.append({"name": name, "distribution": dist, "version": _version(dist), "hooks": hooks})
+
+
+def load_filter() -> set[str] | None:
+    """The third-party plugins to load: the names in ``EVALHOST_LOAD_PLUGINS`` (comma-separated entry-point or
+    distribution names; set but empty = none), an empty set for ``EVALHOST_PLUGINS=default``, None = all."""
+    raw = os.environ.get("EVALHOST_LOAD_PLUGINS")
+    if raw is not None:
+        return {n.strip() for n in raw.split(",") if n.strip()}
+    if os.environ.get("EVALHOST_PLUGINS", "") == "default":
+        return set()
+    return None
 
 
 def build_registry(entry_points: bool = True) -> Registry:
-    """Load the built-in plugins, then (unless disabled) every entry point in the ``evalhost`` group.
-
-    ``EVALHOST_PLUGINS=default`` loads only the built-ins (useful to rule out a broken third-party plugin).
-    """
+    """Load the built-in plugins, then (unless ``entry_points`` is False) the entry points of group ``evalhost``
+    that :func:`load_filter` lets through."""
     pm = pluggy.PluginManager("evalhost")
     pm.add_hookspecs(hookspecs)
     registry = Registry()
@@ -152,9 +213,14 @@ def build_registry(entry_points: bool = True) -> Registry:
             )
             continue
         _register(registry, pm, module, module_name, BUILTIN_DIST)
-    if entry_points and os.environ.get("EVALHOST_PLUGINS", "") != "default":
+    wanted = load_filter()
+    if entry_points and wanted != set():
+        seen: set[str] = set()
         for ep in md.entry_points(group="evalhost"):
             dist = ep.dist.name if ep.dist is not None else "unknown"
+            if wanted is not None and ep.name not in wanted and dist not in wanted:
+                continue
+            seen |= {ep.name, dist}
             try:
                 plugin = ep.load()
             except Exception as exc:
@@ -164,6 +230,9 @@ def build_registry(entry_points: bool = True) -> Registry:
                 )
                 continue
             _register(registry, pm, plugin, ep.name, dist)
+        for name in sorted((wanted or set()) - seen):
+            registry.problems.append(f"EVALHOST_LOAD_PLUGINS names '{name}', which no installed plugin is; list "
+                                     f"entry-point or distribution names from `evalhost plugins`")
     registry.pm = pm  # type: ignore[attr-defined]
     return registry
 
@@ -179,13 +248,8 @@ def get_registry() -> Registry:
 
 
 def require_clean(registry: Registry, names: dict[str, set[str]]) -> None:
-    """Stop with a PluginError if a problem concerns a (kind, name) the study uses."""
+    """Stop with one sentence if a (kind, name) the study uses is unknown or contested (the collision rule);
+    problems with names the study does not use are left as warnings."""
     for kind, used in names.items():
-        for name in used:
-            if (kind, name) not in registry.entries:
-                registry.get(kind, name)  # raises UserError with did-you-mean
-    for problem in registry.problems:
-        for kind, used in names.items():
-            for name in used:
-                if f"'{name}' from plugin" in problem:
-                    raise PluginError(problem)
+        for name in sorted(used):
+            registry.get(kind, name)

@@ -1,11 +1,18 @@
-"""Public types shared by the host and its plugins.
+"""The types of evalhost's plugin surface: items, sampling, generations, groups, scores, the run context and the
+base classes of the plugin kinds (:class:`Backend`, :class:`Dispatcher`, :class:`Scorer`, :class:`TaskSource`).
 
-Plugins import from here (``from evalhost.types import ...``) and from nowhere else in core, except
-``evalhost.errors`` for :class:`UserError`.  Nothing in this module imports torch, vllm or transformers.
+Plugins import these from :mod:`evalhost.api`, which re-exports them with the errors, ``hookimpl``, the option and
+item helpers and the executor contract; a plugin imports nothing else from evalhost. Nothing in this module imports
+torch, vllm or transformers.
 
 The flow of one study: TOML -> :mod:`evalhost.study` -> :mod:`evalhost.plan` (cells and :class:`Group`s) ->
 a :class:`Dispatcher` sends each group through a :class:`Backend` -> :class:`Generation`s ->
-a :class:`Scorer` labels them -> :mod:`evalhost.records` writes one record per target.
+a :class:`Scorer` labels them -> :mod:`evalhost.records` writes one record per target -> analysis -> report.
+
+Options: every plugin kind has a classmethod ``check_options(options)`` that the host calls when it builds the plan
+(so ``evalhost run --dry-run`` refuses a bad option before any run directory or server exists). It raises
+:class:`evalhost.api.UserError` with one sentence; :func:`evalhost.api.check_keys` writes the usual "has no option
+'x' (did you mean 'y'?)" sentence.
 """
 from __future__ import annotations
 
@@ -136,7 +143,20 @@ class ModelSpec:
 
 @dataclass
 class RunContext:
-    """What the host gives a backend or dispatcher: where to write logs, and how to report progress."""
+    """What the host hands a backend or dispatcher (``self.context``): where to write, how to log, and the services
+    a plugin may use instead of reaching into evalhost's modules.
+
+    * ``run_dir``: the run directory (a backend writes its server logs here, nothing else); ``cache_dir``: a cache
+      shared between runs (converted checkpoints, the solo cache).
+    * ``log(message)``: one line of progress for the user (shown above the progress bar).
+    * ``load_items(spec)``: the items of a task source spec such as ``"builtin:benign"`` or ``"jsonl:fillers.jsonl"``
+      (a relative path is read next to the study file), validated like a study's own tasks.
+    * :meth:`resolve_model_path`: a study's model ``path`` (``builtin:NAME``, a local directory, a GGUF file) as a
+      local checkpoint directory.
+    * :meth:`run_async`: run a coroutine on the process's one shared event loop and wait for it.
+    * ``start_gate`` and ``work_label`` are the host's: a lock held while a backend starts when several run at once
+      (local ``--parallel``), and the ``model/backend label`` of the work this backend serves (names log files).
+    """
 
     run_dir: Path
     cache_dir: Path
@@ -144,6 +164,20 @@ class RunContext:
     load_items: Callable[[str], list[TaskItem]] | None = None  # resolve a task source spec, e.g. "builtin:benign"
     start_gate: Any = None  # a lock held while a backend starts, when several run at once (local --parallel)
     work_label: str | None = None  # "model/backend label" of the work this backend serves (names its log files)
+
+    def resolve_model_path(self, path: str) -> str:
+        """A model ``path`` as a local checkpoint directory (a shipped ``builtin:NAME`` is converted once into
+        ``cache_dir``); raises :class:`~evalhost.errors.UserError` when there is none."""
+        from .models import resolve_model_path
+
+        return resolve_model_path(path, log=self.log)
+
+    def run_async(self, factory: Callable[[], Any]) -> Any:
+        """Run ``factory()`` (a coroutine) on the process's one shared event loop and return its result. Every
+        async dispatcher and backend uses this loop, so an ``httpx.AsyncClient`` kept between calls stays valid."""
+        from .loop import run_async
+
+        return run_async(factory)
 
 
 class Backend:
@@ -215,9 +249,20 @@ class Backend:
         """Extra facts for the manifest (e.g. batch-invariant activation evidence)."""
         return {}
 
+    # -- engine state -----------------------------------------------------------------------
+    async def engine_metrics(self) -> dict[str, Any] | None:
+        """The serving engine's state right now, e.g. ``{"requests_running": 3}`` (how many requests the engine
+        is executing), or None when this backend cannot tell. Dispatchers sample it while a group runs as evidence
+        of co-batching; a failure may raise (the dispatcher records the error, never fails the group)."""
+        return None
+
 
 class Dispatcher:
-    """Base class of dispatcher plugins: decides how a group's prompts reach the backend."""
+    """Base class of dispatcher plugins: decides how a group's prompts reach the backend.
+
+    ``requires`` lists the backend capabilities it needs (the plan refuses a backend without them). A dispatcher
+    reaches the engine only through the :class:`Backend` methods (``generate``, ``agenerate``, ``engine_metrics``).
+    """
 
     requires: frozenset[str] = frozenset()
 
@@ -230,21 +275,61 @@ class Dispatcher:
         """Raise :class:`evalhost.errors.UserError` for an unknown or ill-typed option (plan time)."""
 
     def run_group(self, backend: Backend, group: Group, sampling: Sampling) -> GroupResult:
+        """Send ``group``'s prompts through ``backend``; return one :class:`Generation` per member, in member
+        order, and evidence of how they ran (recorded as ``dispatch_evidence``)."""
         raise NotImplementedError
 
 
 class Scorer:
-    """Base class of scorer plugins: turns one output text into a discrete label."""
+    """Base class of scorer plugins: turns one output text into a discrete label.
+
+    A scorer is built once per (name, options) in a run, as ``cls(options)`` with the task's ``scorer_options``,
+    and must be cheap to build and safe to call from one thread at a time.
+    """
+
+    #: the keys ``scorer_options`` may hold; None (the default) leaves the check to ``__init__``
+    options_known: tuple[str, ...] | None = None
 
     def __init__(self, options: dict[str, Any] | None = None) -> None:
         self.options = dict(options or {})
 
+    @classmethod
+    def check_options(cls, options: dict[str, Any]) -> None:
+        """Raise :class:`evalhost.errors.UserError` for an unknown or ill-typed option (plan time). The default
+        refuses a key outside :attr:`options_known` (unless that is None), then builds the scorer once
+        (``cls(options)``) and drops it, so checks written in ``__init__`` run at plan time too; override it when
+        building is expensive."""
+        if cls.options_known is not None:
+            from .options import check_keys
+
+            check_keys(options, cls.options_known, f"scorer {getattr(cls, 'name', cls.__name__)!r}")
+        cls(options)
+
     def score(self, item: TaskItem, text: str) -> Score:
+        """Label ``text``, the output for ``item``. A raise becomes this record's ``scorer_error``."""
         raise NotImplementedError
 
 
 class TaskSource:
-    """Base class of task-source plugins. ``load`` resolves the part of ``source`` after the scheme."""
+    """Base class of task-source plugins, picked by a task's ``source = "scheme:location"``.
+
+    ``load`` resolves the part of ``source`` after the scheme. ``options`` holds the study's ``[[tasks]] options``
+    plus the host's keys ``task`` (the task's name), and ``domain`` / ``scorer`` when the study sets them.
+    """
+
+    #: the keys a study's ``[[tasks]] options`` may hold for this source; None (the default) checks none here
+    options_known: tuple[str, ...] | None = None
+
+    @classmethod
+    def check_options(cls, options: dict[str, Any]) -> None:
+        """Raise :class:`evalhost.errors.UserError` for an option the study's ``[[tasks]] options`` should not
+        have (plan time). ``options`` is the study's table only (not the host's ``task``/``domain``/``scorer``);
+        the default refuses a key outside :attr:`options_known` unless that is None."""
+        if cls.options_known is not None:
+            from .options import check_keys
+
+            check_keys(options, cls.options_known, "the task source")
 
     def load(self, location: str, options: dict[str, Any]) -> list[TaskItem]:
+        """The items at ``location``, validated (see :func:`evalhost.api.item_from_dict`)."""
         raise NotImplementedError

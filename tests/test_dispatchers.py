@@ -180,7 +180,7 @@ def test_synchronized_releases_every_request_before_any_finishes():
     assert max(c["sent"] for c in backend.async_calls) - min(c["sent"] for c in backend.async_calls) < 0.05
     ev = result.evidence
     assert ev["overlap_all"] is True and len(ev["intervals"]) == 4
-    assert ev["max_running"] is None  # no base_url: no metrics page to sample
+    assert ev["max_running"] is None  # the backend reports no engine metrics
     assert [g.text for g in result.generations] == [p[::-1] for p in group.prompts]
 
 
@@ -284,7 +284,7 @@ def test_continuous_never_uses_the_target_as_its_own_filler():
 
 
 def test_metrics_page_parsing():
-    from evalhost.plugins.dispatchers.synchronized import metrics_url, parse_running
+    from evalhost.plugins.backends.completions import metrics_url, parse_running  # the backend reads /metrics
 
     page = ("# HELP vllm:num_requests_running Number of requests in model execution batches.\n"
             "# TYPE vllm:num_requests_running gauge\n"
@@ -293,10 +293,8 @@ def test_metrics_page_parsing():
             'vllm:num_requests_waiting{engine="0",model_name="m"} 1.0\n')
     assert parse_running(page) == 3
     assert parse_running("vllm:num_requests_waiting 2.0\n") is None
-    backend = RecordingBackend()
-    assert metrics_url(backend) is None
-    backend.base_url = "http://127.0.0.1:8000/v1/"
-    assert metrics_url(backend) == "http://127.0.0.1:8000/metrics"
+    assert metrics_url(None) is None
+    assert metrics_url("http://127.0.0.1:8000/v1/") == "http://127.0.0.1:8000/metrics"
 
 
 def test_solo_and_prompt_list_on_the_real_hf_backend(tmp_path):

@@ -74,5 +74,5 @@ def test_bad_option_is_a_user_error(installed):
     from evalhost.plugins import build_registry
 
     cls = build_registry().get("scorer", "length")
-    with pytest.raises(UserError, match="unknown length scorer option 'shortest'"):
+    with pytest.raises(UserError, match="scorer 'length' has no option 'shortest'"):
         cls({"shortest": 3})

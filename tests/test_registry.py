@@ -79,7 +79,12 @@ def test_duplicate_name_is_refused_naming_both(tmp_path, on_path):
     problem = next(p for p in reg.problems if "dup" in p)
     assert "'refusal' from plugin 'dup' (distribution evalhost-dup)" in problem
     assert "evalhost.plugins.scorers.refusal" in problem and "(distribution evalhost)" in problem
-    assert reg.entry("scorer", "refusal").distribution == "evalhost"  # the first one wins
+    # issue 19: neither wins the bare name (one collision rule for every kind); each can be named qualified
+    with pytest.raises(reg_mod.PluginError, match="name the one you mean as 'evalhost:refusal' or "
+                                                  "'evalhost-dup:refusal'"):
+        reg.get("scorer", "refusal")
+    assert reg.entry("scorer", "evalhost:refusal").distribution == "evalhost"
+    assert reg.entry("scorer", "evalhost-dup:refusal").distribution == "evalhost-dup"
 
 
 def test_unknown_name_suggests_close_match():

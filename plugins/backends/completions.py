@@ -22,7 +22,6 @@ message this module produces.
 from __future__ import annotations
 
 import asyncio
-import difflib
 import math
 import os
 import threading
@@ -31,8 +30,7 @@ from pathlib import Path
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from evalhost.errors import RunError, UserError
-from evalhost.types import Backend, Generation, Sampling, TaskItem
+from evalhost.api import Backend, Generation, RunError, Sampling, TaskItem, UserError, check_keys, check_type
 
 RETRY_STATUS = {408, 429, 500, 502, 503, 504}
 DEFAULT_TIMEOUT_BASE_S = 120.0
@@ -81,23 +79,10 @@ def check_option_keys(backend: str, options: dict[str, Any], known: dict[str, An
 
     ``known`` maps option name -> accepted type(s) (``None`` for any).
     """
+    check_keys(options, known, f"backend '{backend}'")
     for key, value in options.items():
-        if key not in known:
-            hint = difflib.get_close_matches(key, list(known), n=1)
-            msg = f"backend '{backend}' has no option '{key}'"
-            if hint:
-                msg += f" (did you mean '{hint[0]}'?)"
-            raise UserError(msg + f"; its options are: {', '.join(sorted(known))}")
-        types = known[key]
-        if types is None or value is None:
-            continue
-        if not isinstance(types, tuple):
-            types = (types,)
-        ok = isinstance(value, types) and not (isinstance(value, bool) and bool not in types)
-        if not ok:
-            names = " or ".join(t.__name__ for t in types)
-            raise UserError(f"backend '{backend}' option '{key}' must be {names}, not {value!r}; fix it in the study file")
-        if key == "request_timeout_s" and not 0 < value <= MAX_REQUEST_TIMEOUT_S:
+        check_type(value, known[key], f"backend '{backend}'", key)
+        if key == "request_timeout_s" and value is not None and not 0 < value <= MAX_REQUEST_TIMEOUT_S:
             raise UserError(f"backend '{backend}' option request_timeout_s must be a number of seconds above 0 and "
                             f"at most {MAX_REQUEST_TIMEOUT_S:g}, not {value!r}; leave it out to size it for max_tokens")
 
@@ -446,6 +431,33 @@ _TOKENIZER_LOAD_LOCK = threading.Lock()
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
 
 
+def metrics_url(base_url: Any) -> str | None:
+    """``{base_url}/metrics`` at the server root (a trailing ``/v1`` is dropped), or None without a base URL."""
+    if not base_url or not isinstance(base_url, str):
+        return None
+    base = base_url.rstrip("/")
+    if base.endswith("/v1"):
+        base = base[: -len("/v1")]
+    return base + "/metrics"
+
+
+def parse_running(text: str) -> int | None:
+    """Sum of ``vllm:num_requests_running`` over its label sets in a Prometheus text page (None if absent)."""
+    total, seen = 0.0, False
+    for line in text.splitlines():
+        if not line.startswith("vllm:num_requests_running"):
+            continue
+        name = line.split("{", 1)[0].split(" ", 1)[0]
+        if name != "vllm:num_requests_running":
+            continue
+        try:
+            total += float(line.rsplit(" ", 1)[1])
+            seen = True
+        except (IndexError, ValueError):
+            continue
+    return int(total) if seen else None
+
+
 def has_tokenizer_files(path: str) -> bool:
     """Whether a local model directory ships a tokenizer (so failing to load it is an error, not "no tokenizer")."""
     return any((Path(path) / name).is_file() for name in TOKENIZER_FILES)
@@ -494,9 +506,7 @@ class CompletionsBackend(Backend):
             return str(self.options["tokenizer"])
         if not self.model.path:
             return None
-        from evalhost.models import resolve_model_path
-
-        return resolve_model_path(self.model.path, log=self.context.log)
+        return self.context.resolve_model_path(self.model.path)
 
     def tokenizer(self):
         """The model's tokenizer (local files only), or None when the model has none (no tokenizer files). A
@@ -612,6 +622,23 @@ class CompletionsBackend(Backend):
         if self.client is None:
             self.start()
         return self.client
+
+    async def engine_metrics(self) -> dict[str, Any] | None:
+        """``{"requests_running": N}``: ``vllm:num_requests_running`` (summed over its label sets) on the server's
+        ``/metrics`` page, or None before the backend knows its server. Raises when the page cannot be read or
+        lacks the metric (the dispatcher records that as ``metrics_error``)."""
+        url = metrics_url(self.base_url)
+        if url is None:
+            return None
+        import httpx
+
+        async with httpx.AsyncClient(timeout=10.0) as client:
+            resp = await client.get(url)
+            resp.raise_for_status()
+        running = parse_running(resp.text)
+        if running is None:
+            raise RuntimeError("vllm:num_requests_running not found on the metrics page")
+        return {"requests_running": running}
 
     def close(self) -> None:
         if self.client is not None:

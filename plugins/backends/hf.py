@@ -25,9 +25,7 @@ import platform
 import time
 from typing import Any
 
-from evalhost.errors import UserError
-from evalhost.hookspecs import hookimpl
-from evalhost.types import PROMPT_LIST, Backend, Generation, Sampling, TaskItem
+from evalhost.api import PROMPT_LIST, Backend, Generation, hookimpl, Sampling, TaskItem, UserError
 
 from .completions import check_option_keys
 
@@ -94,10 +92,8 @@ class HFBackend(Backend):
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        from evalhost.models import resolve_model_path
-
         self.preflight()
-        self.path = resolve_model_path(self.model.path, log=self.context.log)
+        self.path = self.context.resolve_model_path(self.model.path)
         self.device = self._device()
         default = "float16" if self.device.startswith("cuda") else "float32"
         self.dtype_name = self.options.get("dtype") or self.model.dtype or default
@@ -135,9 +131,7 @@ class HFBackend(Backend):
         if self.tok is None:
             from transformers import AutoTokenizer
 
-            from evalhost.models import resolve_model_path
-
-            path = self.path or resolve_model_path(self.model.path, log=self.context.log)
+            path = self.path or self.context.resolve_model_path(self.model.path)
             self.tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
             self.tok.padding_side = "left"
             if self.tok.pad_token_id is None:

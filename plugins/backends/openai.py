@@ -17,9 +17,7 @@ import os
 import platform
 from typing import Any
 
-from evalhost.errors import UserError
-from evalhost.hookspecs import hookimpl
-from evalhost.types import CONCURRENT, PROMPT_LIST
+from evalhost.api import CONCURRENT, PROMPT_LIST, hookimpl, UserError
 
 from .completions import CompletionsBackend, CompletionsClient, check_option_keys
 

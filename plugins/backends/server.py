@@ -24,7 +24,7 @@ from collections import deque
 from pathlib import Path
 from typing import Callable
 
-from evalhost.errors import RunError, UserError
+from evalhost.api import RunError, UserError
 
 HOST = "127.0.0.1"
 

@@ -51,9 +51,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from evalhost.errors import RunError, UserError
-from evalhost.hookspecs import hookimpl
-from evalhost.types import CONCURRENT, CONTINUOUS, PROMPT_LIST
+from evalhost.api import CONCURRENT, CONTINUOUS, PROMPT_LIST, hookimpl, RunError, UserError
 
 from .completions import CompletionsBackend, CompletionsClient, Failure, check_option_keys
 from .server import HOST, ManagedServer, free_port, port_in_use
@@ -222,9 +220,7 @@ class VLLMBackend(CompletionsBackend):
 
     def model_path(self) -> str:
         if self._resolved_path is None:
-            from evalhost.models import resolve_model_path
-
-            self._resolved_path = resolve_model_path(self.model.path, log=self.context.log)
+            self._resolved_path = self.context.resolve_model_path(self.model.path)
         return self._resolved_path
 
     def _tokenizer_path(self) -> str | None:
@@ -505,9 +501,7 @@ class VLLMBackend(CompletionsBackend):
                 g.extra["replica"] = 0
             return gens
         self.start()  # every replica up (a no-op when they are)
-        from evalhost.plugins.dispatchers.synchronized import run_async  # the process's one dispatch loop
-
-        return run_async(lambda: self._fleet(prompts, sampling))
+        return self.context.run_async(lambda: self._fleet(prompts, sampling))  # the process's one loop
 
     async def _fleet(self, prompts: list[str], sampling) -> list:
         queue: asyncio.Queue = asyncio.Queue()

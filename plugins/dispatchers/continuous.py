@@ -25,7 +25,7 @@ Options (all optional):
 * ``filler_max_tokens`` - ``max_tokens`` of filler requests (default: the study's ``max_tokens``); long vs
   short fillers are two arms.
 * ``arm`` - name of the composition arm (default: the ``fillers`` spec); copied into the evidence.
-* ``metrics`` / ``metrics_interval_s`` - sample ``vllm:num_requests_running`` as ``synchronized`` does.
+* ``metrics`` / ``metrics_interval_s`` - sample the engine's running requests as ``synchronized`` does.
 
 Evidence: ``fillers_in_flight_at_admit`` = number of filler lifetimes with ``sent < target_sent < finished``
 (the minimum over targets), ``fillers_decoding_at_admit`` (the same with ``first_token < target_sent``, when the
@@ -37,22 +37,17 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import difflib
 import hashlib
 from typing import Any
 
-from evalhost.errors import UserError
-from evalhost.hookspecs import hookimpl
-from evalhost.types import CONCURRENT, CONTINUOUS, Backend, Dispatcher, Generation, Group, GroupResult, Sampling
+from evalhost.api import (CONCURRENT, CONTINUOUS, Backend, Dispatcher, Generation, Group, GroupResult, Sampling,
+                          UserError, check_choice, check_keys, hookimpl)
 
-from .solo import check_known_options
 from .synchronized import (
     RunningSampler,
     check_bool,
     check_float,
     check_int,
-    metrics_url,
-    run_async,
     timed_agenerate,
 )
 
@@ -74,7 +69,7 @@ class Continuous(Dispatcher):
     @classmethod
     def check_options(cls, options: dict[str, Any]) -> None:
         name = "continuous"
-        check_known_options(name, options, cls.options_known)
+        check_keys(options, cls.options_known, f"dispatcher '{name}'")
         for key in ("fillers", "arm"):
             if key in options and (not isinstance(options[key], str) or not options[key].strip()):
                 raise UserError(f"dispatcher '{name}' option '{key}' must be a non-empty string, got {options[key]!r}")
@@ -86,12 +81,8 @@ class Continuous(Dispatcher):
         for key in ("targets", "occupancy", "filler_max_tokens", "batch_size"):
             if key in options:
                 check_int(name, key, options[key], 1)
-        if "phase" in options and options["phase"] not in PHASES:
-            hint = difflib.get_close_matches(str(options["phase"]), PHASES, n=1)
-            raise UserError(
-                f"dispatcher '{name}' option 'phase' must be one of {', '.join(PHASES)}, got {options['phase']!r}"
-                + (f" (did you mean '{hint[0]}'?)" if hint else "")
-            )
+        if "phase" in options:
+            check_choice(options["phase"], PHASES, f"dispatcher '{name}'", "phase")
         if "delay_s" in options:
             check_float(name, "delay_s", options["delay_s"], 0.0)
         if "metrics" in options:
@@ -147,7 +138,7 @@ class Continuous(Dispatcher):
         if not group.members:
             return GroupResult([], {"mode": "continuous", "arm": str(self.options.get("arm", self.fillers_spec))})
         order = self._filler_order(backend, group)  # load/render synchronously, before the clock starts
-        return run_async(lambda: self._run(backend, group, sampling, order))
+        return self.context.run_async(lambda: self._run(backend, group, sampling, order))
 
     async def _run(
         self, backend: Backend, group: Group, sampling: Sampling, order: list[tuple[str, str, str]]
@@ -207,8 +198,8 @@ class Continuous(Dispatcher):
             finally:
                 targets_done.set()
 
-        url = metrics_url(backend) if self.options.get("metrics", True) else None
-        sampler = RunningSampler(url, float(self.options.get("metrics_interval_s", 0.05)))
+        sampler = RunningSampler(backend if self.options.get("metrics", True) else None,
+                                 float(self.options.get("metrics_interval_s", 0.05)))
         slots = [asyncio.ensure_future(slot(k)) for k in range(occupancy)]
         target_task = asyncio.ensure_future(targets())
         sampler.start()

@@ -7,10 +7,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from evalhost.hookspecs import hookimpl
-from evalhost.types import PROMPT_LIST, Backend, Dispatcher, Group, GroupResult, Sampling
+from evalhost.api import PROMPT_LIST, Backend, Dispatcher, Group, GroupResult, Sampling, check_keys, hookimpl
 
-from .solo import check_known_options, expect_count
+from .solo import expect_count
 
 
 class PromptList(Dispatcher):
@@ -19,7 +18,7 @@ class PromptList(Dispatcher):
 
     @classmethod
     def check_options(cls, options: dict[str, Any]) -> None:
-        check_known_options("prompt_list", options, cls.options_known)
+        check_keys(options, cls.options_known, "dispatcher 'prompt_list'")
 
     def run_group(self, backend: Backend, group: Group, sampling: Sampling) -> GroupResult:
         prompts = group.prompts

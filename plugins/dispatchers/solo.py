@@ -1,30 +1,13 @@
 """``solo``: every member alone, one request at a time (``backend.generate([prompt])``).
 
 This is the reference condition every batched record is paired with. It needs no backend capability.
-Also home of :func:`check_known_options`, the option check the other built-in dispatchers share.
+Also home of :func:`expect_count`, the generation count check the other built-in dispatchers share.
 """
 from __future__ import annotations
 
-import difflib
-from typing import Any, Iterable
+from typing import Any
 
-from evalhost.errors import UserError
-from evalhost.hookspecs import hookimpl
-from evalhost.types import Backend, Dispatcher, Generation, Group, GroupResult, Sampling
-
-
-def check_known_options(dispatcher: str, options: dict[str, Any], known: Iterable[str]) -> None:
-    """Raise one-sentence :class:`UserError` for an option key the dispatcher does not know (with did-you-mean)."""
-    known = sorted(known)
-    for key in options:
-        if key in known:
-            continue
-        hint = difflib.get_close_matches(str(key), known, n=1)
-        msg = f"dispatcher '{dispatcher}' has no option '{key}'"
-        if hint:
-            msg += f" (did you mean '{hint[0]}'?)"
-        msg += f"; known options: {', '.join(known) if known else 'none'}"
-        raise UserError(msg)
+from evalhost.api import Backend, Dispatcher, Generation, Group, GroupResult, Sampling, check_keys, hookimpl
 
 
 def expect_count(dispatcher: str, backend: Backend, gens: list[Generation], n: int) -> list[Generation]:
@@ -46,7 +29,7 @@ class Solo(Dispatcher):
 
     @classmethod
     def check_options(cls, options: dict[str, Any]) -> None:
-        check_known_options("solo", options, cls.options_known)
+        check_keys(options, cls.options_known, "dispatcher 'solo'")
 
     def run_group(self, backend: Backend, group: Group, sampling: Sampling) -> GroupResult:
         generations: list[Generation] = []

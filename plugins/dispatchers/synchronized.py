@@ -9,54 +9,21 @@ Evidence of co-batching, per group:
 * ``intervals``: each request's ``sent`` / ``first_token`` / ``finished`` (epoch seconds, from the backend's
   :attr:`Generation.timings`, else measured around the call);
 * ``overlap_all``: ``max(sent) < min(finished)`` - every request's lifetime overlapped every other's;
-* ``max_running``: the largest ``vllm:num_requests_running`` seen on ``{base_url}/metrics`` while the group ran
-  (sampled every ``metrics_interval_s``; ``None`` when the backend has no ``base_url`` or metrics failed).
+* ``max_running``: the largest number of requests the engine was running while the group ran, sampled every
+  ``metrics_interval_s`` through the backend's :meth:`~evalhost.api.Backend.engine_metrics` (the vLLM and OpenAI
+  backends read ``vllm:num_requests_running``); ``None`` when the backend reports no engine metrics or they failed.
 
-Also home of the async helpers :mod:`.continuous` shares: the event-loop runner, timed requests, the sampler.
+Groups run on the process's shared event loop (``context.run_async``). Also home of the async helpers
+:mod:`.continuous` shares: timed requests, the sampler, the option checks.
 """
 from __future__ import annotations
 
 import asyncio
-import threading
 import time
-from typing import Any, Awaitable, Callable, TypeVar
+from typing import Any
 
-from evalhost.errors import UserError
-from evalhost.hookspecs import hookimpl
-from evalhost.types import CONCURRENT, Backend, Dispatcher, Generation, Group, GroupResult, Sampling
-
-from .solo import check_known_options
-
-T = TypeVar("T")
-
-# ---------------------------------------------------------------------------------------------------------------
-# One event loop per process, in a daemon thread. Every group of every async dispatcher runs on it, so a backend
-# that keeps an httpx.AsyncClient between calls always sees the same loop (asyncio.run per group would close it).
-# ---------------------------------------------------------------------------------------------------------------
-_LOOP: asyncio.AbstractEventLoop | None = None
-_LOOP_LOCK = threading.Lock()
-
-
-def _loop() -> asyncio.AbstractEventLoop:
-    global _LOOP
-    with _LOOP_LOCK:
-        if _LOOP is None or _LOOP.is_closed():
-            loop = asyncio.new_event_loop()
-            thread = threading.Thread(target=loop.run_forever, name="evalhost-dispatch-loop", daemon=True)
-            thread.start()
-            _LOOP = loop
-        return _LOOP
-
-
-def run_async(factory: Callable[[], Awaitable[T]]) -> T:
-    """Run ``factory()`` on the shared dispatch loop and wait for its result (from any synchronous thread)."""
-    loop = _loop()
-    future = asyncio.run_coroutine_threadsafe(factory(), loop)  # type: ignore[arg-type]
-    try:
-        return future.result()
-    except BaseException:
-        future.cancel()  # Ctrl-C or an error: do not leave the group's requests running behind us
-        raise
+from evalhost.api import (CONCURRENT, Backend, Dispatcher, Generation, Group, GroupResult, Sampling, UserError,
+                          check_keys, hookimpl)
 
 
 async def timed_agenerate(backend: Backend, prompt: str, sampling: Sampling) -> tuple[Generation, dict[str, Any]]:
@@ -78,70 +45,43 @@ async def timed_agenerate(backend: Backend, prompt: str, sampling: Sampling) -> 
     return gen, interval
 
 
-def metrics_url(backend: Backend) -> str | None:
-    """``{base_url}/metrics`` at the server root (a trailing ``/v1`` is dropped), or None without ``base_url``."""
-    base = getattr(backend, "base_url", None)
-    if not base or not isinstance(base, str):
-        return None
-    base = base.rstrip("/")
-    if base.endswith("/v1"):
-        base = base[: -len("/v1")]
-    return base + "/metrics"
-
-
-def parse_running(text: str) -> int | None:
-    """Sum of ``vllm:num_requests_running`` over its label sets in a Prometheus text page (None if absent)."""
-    total, seen = 0.0, False
-    for line in text.splitlines():
-        if not line.startswith("vllm:num_requests_running"):
-            continue
-        name = line.split("{", 1)[0].split(" ", 1)[0]
-        if name != "vllm:num_requests_running":
-            continue
-        try:
-            total += float(line.rsplit(" ", 1)[1])
-            seen = True
-        except (IndexError, ValueError):
-            continue
-    return int(total) if seen else None
-
-
 class RunningSampler:
-    """Samples ``vllm:num_requests_running`` in a background task until :meth:`stop`."""
+    """Samples ``requests_running`` of ``backend.engine_metrics()`` in a background task until :meth:`stop`
+    (``backend`` None: sampling is off)."""
 
-    def __init__(self, url: str | None, interval_s: float, enough: int | None = None) -> None:
-        self.url = url
+    def __init__(self, backend: Backend | None, interval_s: float, enough: int | None = None) -> None:
+        self.backend = backend
         self.interval_s = interval_s
         self.enough = enough  # stop sampling once this many requests were seen running (keeps host overhead low)
         self.samples: list[int] = []
         self.error: str | None = None
+        self.unsupported = False
         self._stop = asyncio.Event()
         self._task: asyncio.Task | None = None
 
     def start(self) -> None:
-        if self.url is not None:
+        if self.backend is not None:
             self._task = asyncio.ensure_future(self._poll())
 
     async def _poll(self) -> None:
-        import httpx
-
         try:
-            async with httpx.AsyncClient(timeout=10.0) as client:
-                while True:
-                    resp = await client.get(self.url)
-                    resp.raise_for_status()
-                    value = parse_running(resp.text)
-                    if value is None:
-                        self.error = "vllm:num_requests_running not found on the metrics page"
-                        return
-                    self.samples.append(value)
-                    if self.enough is not None and value >= self.enough:
-                        return
-                    try:
-                        await asyncio.wait_for(self._stop.wait(), self.interval_s)
-                        return
-                    except asyncio.TimeoutError:
-                        pass
+            while True:
+                metrics = await self.backend.engine_metrics()
+                if metrics is None:
+                    self.unsupported = True
+                    return
+                value = metrics.get("requests_running")
+                if not isinstance(value, int) or isinstance(value, bool):
+                    self.error = f"the backend's engine metrics give requests_running = {value!r}"
+                    return
+                self.samples.append(value)
+                if self.enough is not None and value >= self.enough:
+                    return
+                try:
+                    await asyncio.wait_for(self._stop.wait(), self.interval_s)
+                    return
+                except asyncio.TimeoutError:
+                    pass
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # evidence is best effort: a failed sample never fails the group
@@ -156,8 +96,10 @@ class RunningSampler:
                 self._task.cancel()
 
     def evidence(self) -> dict[str, Any]:
-        if self.url is None:
-            return {"max_running": None, "metrics": "backend has no base_url"}
+        if self.backend is None:
+            return {"max_running": None, "metrics": "off"}
+        if self.unsupported:
+            return {"max_running": None, "metrics": "the backend reports no engine metrics"}
         out: dict[str, Any] = {
             "max_running": max(self.samples) if self.samples else None,
             "running_samples": self.samples[:64],
@@ -190,14 +132,14 @@ class Synchronized(Dispatcher):
 
     @classmethod
     def check_options(cls, options: dict[str, Any]) -> None:
-        check_known_options("synchronized", options, cls.options_known)
+        check_keys(options, cls.options_known, "dispatcher 'synchronized'")
         if "metrics" in options:
             check_bool("synchronized", "metrics", options["metrics"])
         if "metrics_interval_s" in options:
             check_float("synchronized", "metrics_interval_s", options["metrics_interval_s"], 0.01)
 
     def run_group(self, backend: Backend, group: Group, sampling: Sampling) -> GroupResult:
-        return run_async(lambda: self._run(backend, group, sampling))
+        return self.context.run_async(lambda: self._run(backend, group, sampling))
 
     async def _run(self, backend: Backend, group: Group, sampling: Sampling) -> GroupResult:
         prompts = group.prompts
@@ -216,8 +158,8 @@ class Synchronized(Dispatcher):
             await release.wait()
             return await timed_agenerate(backend, prompt, sampling)
 
-        url = metrics_url(backend) if self.options.get("metrics", True) else None
-        sampler = RunningSampler(url, float(self.options.get("metrics_interval_s", 0.1)), enough=n)
+        sampler = RunningSampler(backend if self.options.get("metrics", True) else None,
+                                 float(self.options.get("metrics_interval_s", 0.1)), enough=n)
         tasks = [asyncio.ensure_future(one(p)) for p in prompts]
         sampler.start()
         try:

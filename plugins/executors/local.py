@@ -15,10 +15,7 @@ import platform
 import queue
 import threading
 
-from evalhost.errors import UserError
-from evalhost.executor import Executor
-from evalhost.hookspecs import hookimpl
-from evalhost.runner import execute_work
+from evalhost.api import Executor, UserError, execute_work, hookimpl
 
 _DONE = object()
 

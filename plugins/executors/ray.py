@@ -1,7 +1,7 @@
-"""``ray`` executor: every :class:`~evalhost.plan.BackendWork` runs in its own Ray actor.
+"""``ray`` executor: every ``BackendWork`` of the plan runs in its own Ray actor.
 
 * One actor per (model, backend configuration). The actor owns the backend: it calls
-  :func:`evalhost.runner.execute_work` and streams each event back to the driver (a Ray streaming generator).
+  :func:`evalhost.api.execute_work` and streams each event back to the driver (a Ray streaming generator).
   The driver calls ``on_event`` for every event, in one thread: the driver stays the only writer of the run directory.
 * Each actor asks Ray for what its backend declares in :meth:`evalhost.types.Backend.resources`
   (``{"num_gpus": 1}`` -> ``num_gpus=1``; keys other than ``num_cpus``/``num_gpus``/``memory`` become custom
@@ -25,12 +25,10 @@ import platform
 import sys
 import time
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
-from evalhost.errors import RunError, UserError
-from evalhost.executor import Executor
-from evalhost.hookspecs import hookimpl
+from evalhost.api import (Executor, GroupDone, ItemLoader, RunError, UserError, execute_work, hookimpl,
+                          plugin_class, worker_context)
 
 MISSING_RAY = ("the ray executor needs Ray; install it with `pip install -e '.[ray]'` (or use --executor local)")
 NAMESPACE = "evalhost"
@@ -79,14 +77,8 @@ def _fmt(resources: dict[str, float]) -> str:
 
 def work_resources(work, registry=None) -> dict[str, float]:
     """What the work's backend declares (instantiated, not started, with a throw-away context)."""
-    from evalhost.models import cache_dir
-    from evalhost.registry import get_registry
-    from evalhost.types import RunContext
-
-    registry = registry or get_registry()
-    cls = registry.get("backend", work.backend.plugin)
-    backend = cls(work.model, work.backend.options, RunContext(run_dir=Path("."), cache_dir=cache_dir(),
-                                                               log=lambda msg: None))
+    cls = registry.get("backend", work.backend.plugin) if registry else plugin_class("backend", work.backend.plugin)
+    backend = cls(work.model, work.backend.options, worker_context(Path("."), log=lambda msg: None))
     out = {}
     for key, value in dict(backend.resources() or {}).items():
         if not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0:
@@ -112,20 +104,6 @@ def actor_options(resources: dict[str, float]) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------------------------------------ worker side
-class _Loader:
-    """``RunContext.load_items`` for an actor: resolves task specs with the worker's own registry (picklable)."""
-
-    def __init__(self, study_file: str | None) -> None:
-        self.study_file = study_file
-
-    def __call__(self, spec: str):
-        from evalhost.registry import get_registry
-        from evalhost.runner import _load_items
-
-        path = Path(self.study_file) if self.study_file else None
-        return _load_items(spec, get_registry(), SimpleNamespace(path=path))
-
-
 class _WorkActorImpl:
     """The body of the Ray actor (wrapped by :func:`_actor_class`): owns one backend, streams its events."""
 
@@ -149,15 +127,11 @@ class _WorkActorImpl:
                 "hostname": platform.node(), "pid": os.getpid()}
 
     def run(self, skip: list[str]):
-        from evalhost.models import cache_dir
-        from evalhost.runner import execute_work
-        from evalhost.types import RunContext
-
         yield {"node": self.info()}
         run_dir = Path(self.run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)  # on another node: backend logs (server-*.log) land here
-        context = RunContext(run_dir=run_dir, cache_dir=cache_dir(), log=self._log,
-                             load_items=_Loader(self.study_file))
+        base = Path(self.study_file).parent if self.study_file else None
+        context = worker_context(run_dir, log=self._log, load_items=ItemLoader(base))
         for event in execute_work(self.work, self.sampling, context, set(skip)):
             yield {"logs": self._drain(), "event": event}
         lines = self._drain()
@@ -319,8 +293,6 @@ class RayExecutor(Executor):
         ray = self.ray
         from ray.exceptions import (ObjectLostError, OutOfMemoryError, RayActorError, RayError, RayTaskError,
                                     WorkerCrashedError)
-
-        from evalhost.runner import GroupDone
 
         lost = (RayActorError, WorkerCrashedError, ObjectLostError, OutOfMemoryError)  # the process is gone
         study_file = self._study_file(context)

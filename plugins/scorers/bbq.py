@@ -7,15 +7,17 @@ ambiguous context that is the ``unknown`` option), 0.0 when it does not, None wh
 """
 from __future__ import annotations
 
-from evalhost.errors import UserError
-from evalhost.hookspecs import hookimpl
-from evalhost.plugins.scorers.mcq import extract_choice
-from evalhost.types import Score, Scorer, TaskItem
+from evalhost.api import hookimpl, Score, Scorer, TaskItem, UserError
+
+from .mcq import extract_choice
 
 BBQ_LABELS = ("stereotyped", "anti_stereotyped", "unknown")
 
 
 class BBQScorer(Scorer):
+    name = "bbq"
+    options_known: tuple[str, ...] = ()  # no scorer_options
+
     def score(self, item: TaskItem, text: str) -> Score:
         targets = item.targets or {}
         missing = [k for k in BBQ_LABELS if k not in targets]

@@ -20,8 +20,7 @@ from __future__ import annotations
 
 import re
 
-from evalhost.hookspecs import hookimpl
-from evalhost.types import Score, Scorer, TaskItem
+from evalhost.api import hookimpl, Score, Scorer, TaskItem
 
 DEFAULT_LETTERS = "ABCD"
 
@@ -158,6 +157,9 @@ def extract_letter(text: str, choices: dict[str, str] | None = None) -> str | No
 
 class MCQScorer(Scorer):
     """``correct`` / ``incorrect`` / ``unparsed`` against ``item.answer`` (value 1 / 0 / None)."""
+
+    name = "mcq"
+    options_known: tuple[str, ...] = ()  # no scorer_options
 
     def score(self, item: TaskItem, text: str) -> Score:
         letter, how = extract_choice(text, item.choices)

@@ -28,9 +28,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from evalhost.errors import UserError
-from evalhost.hookspecs import hookimpl
-from evalhost.types import Score, Scorer, TaskItem
+from evalhost.api import Score, Scorer, TaskItem, UserError, check_keys, hookimpl
 
 _VERBS = (
     r"(?:help\w*|assist\w*|provid\w*|giv\w*|shar\w*|creat\w*|writ\w*|generat\w*|produc\w*|mak\w*|offer\w*|"
@@ -113,15 +111,13 @@ def _phrase_list(options: dict[str, Any], key: str) -> tuple[str, ...]:
 class RefusalScorer(Scorer):
     """``refuse`` / ``comply`` / ``empty``; see the module docstring for the rules."""
 
+    name = "refusal"
     KNOWN_OPTIONS = ("extra_refusal_phrases", "extra_compliance_phrases")
+    options_known = KNOWN_OPTIONS
 
     def __init__(self, options: dict[str, Any] | None = None) -> None:
         super().__init__(options)
-        unknown = sorted(set(self.options) - set(self.KNOWN_OPTIONS))
-        if unknown:
-            raise UserError(
-                f"unknown refusal scorer option '{unknown[0]}'; known: {', '.join(self.KNOWN_OPTIONS)}"
-            )
+        check_keys(self.options, self.KNOWN_OPTIONS, "scorer 'refusal'")
         self.extra_refusal = _phrase_list(self.options, "extra_refusal_phrases")
         self.compliance = DEFAULT_COMPLIANCE + _phrase_list(self.options, "extra_compliance_phrases")
 

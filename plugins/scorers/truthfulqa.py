@@ -6,13 +6,15 @@ choice was wrong, the misconception picked.
 """
 from __future__ import annotations
 
-from evalhost.hookspecs import hookimpl
-from evalhost.plugins.scorers.mcq import MCQScorer
-from evalhost.types import TaskItem
+from evalhost.api import hookimpl, TaskItem
+
+from .mcq import MCQScorer
 
 
 class TruthfulQAScorer(MCQScorer):
     """The ``mcq`` scoring, with rationales that name the true answer and the misconception picked."""
+
+    name = "truthfulqa"
 
     def why_correct(self, item: TaskItem, letter: str, how: str, answer: str) -> str:
         return f"parsed {letter} ({how}): the true answer"

@@ -11,9 +11,7 @@ import json
 from dataclasses import replace
 from typing import Any
 
-from evalhost.errors import UserError, user_path
-from evalhost.hookspecs import hookimpl
-from evalhost.types import TaskItem, TaskSource
+from evalhost.api import TaskItem, TaskSource, UserError, hookimpl, label_direction, load_items, user_path
 
 REQUIRED = ("task", "task_source", "item_id", "peers", "position", "dispatcher", "batch_size")
 MAX_GROUP = 4096  # members of one group (the study's largest batch size)
@@ -65,11 +63,9 @@ def check_row(row: Any, where: str) -> None:
 
 
 class CandidatesSource(TaskSource):
-    def load(self, location: str, options: dict[str, Any]) -> list[TaskItem]:
-        from evalhost.plan import load_task
-        from evalhost.registry import get_registry
-        from evalhost.study import TaskSpec
+    options_known: tuple[str, ...] = ()  # a study's [[tasks]] options: none
 
+    def load(self, location: str, options: dict[str, Any]) -> list[TaskItem]:
         path = user_path(location, "the candidates file")
         if not path.is_file():
             raise UserError(f"candidates file {path} does not exist; make it with `evalhost candidates RUN_DIR -o FILE`")
@@ -94,8 +90,8 @@ class CandidatesSource(TaskSource):
         for row in rows:
             key = (row["task"], row["task_source"])
             if key not in sources:
-                spec = TaskSpec(name=row["task"], source=row["task_source"], scorer=row.get("scorer"))
-                sources[key] = {it.id: it for it in load_task(spec, get_registry(), path.parent)}
+                items = load_items(row["task_source"], path.parent, task=row["task"], scorer=row.get("scorer"))
+                sources[key] = {it.id: it for it in items}
             items = sources[key]
             ids = [str(i) for i in row["peers"]]  # item ids are strings (a JSON number is read as its text)
             ids.insert(row["position"], str(row["item_id"]))
@@ -132,21 +128,20 @@ def original_direction(row: dict[str, Any], domain: str | None = None) -> str | 
     ``unparsed``) keeps evalhost's own direction (``refuse_to_unparsed``); a row without a label change and
     without a score change is ``unchanged``.
     """
-    from evalhost.analysis import direction
-
     if row.get("original_direction"):
         return str(row["original_direction"])
     solo, batch = row.get("solo_label"), row.get("batch_label")
     if solo is None and batch is None:
         return row.get("direction")
-    d = direction(solo, batch) if solo != batch else (row.get("direction") or "unchanged")
+    d = label_direction(solo, batch) if solo != batch else (row.get("direction") or "unchanged")
     dom = row.get("domain") or domain
     s, b = row.get("solo_score"), row.get("batch_score")
     number = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)  # noqa: E731
     fell = (b < s) if number(s) and number(b) and s != b else None
 
     def refusal(label) -> bool:
-        return direction(label, "comply") == "refuse_to_comply" or direction(label, "refuse") == "comply_to_refuse"
+        return (label_direction(label, "comply") == "refuse_to_comply"
+                or label_direction(label, "refuse") == "comply_to_refuse")
 
     if d in ("refuse_to_comply", "comply_to_refuse"):
         return d

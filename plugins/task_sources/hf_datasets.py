@@ -23,16 +23,13 @@ Options (the task's table in the study, besides ``task`` / ``domain`` / ``scorer
 """
 from __future__ import annotations
 
-import difflib
 import random
 import re
 from pathlib import Path
 from typing import Any
 
-from evalhost.errors import UserError, user_path
-from evalhost.hookspecs import hookimpl
-from evalhost.plugins.task_sources.files import check_options, item_from_dict
-from evalhost.types import TaskItem, TaskSource
+from evalhost.api import TaskItem, TaskSource, UserError, did_you_mean, hookimpl, item_from_dict, user_path
+from .files import check_options
 
 DEFAULT_TEMPLATE = "{context}{question}\n\n{options}\n\nAnswer with the letter of the correct option."
 
@@ -62,8 +59,7 @@ ITEM_FIELDS = ("id", "prompt", "context", "choices", "answer", "targets")
 def _check(options: dict[str, Any], where: str) -> dict[str, Any]:
     unknown = [k for k in options if k not in KNOWN_OPTIONS]
     if unknown:
-        hint = difflib.get_close_matches(unknown[0], KNOWN_OPTIONS, n=1)
-        did = f" (did you mean '{hint[0]}'?)" if hint else ""
+        did = did_you_mean(unknown[0], KNOWN_OPTIONS)
         raise UserError(f"{where}: unknown option '{unknown[0]}'{did}; known: {', '.join(KNOWN_OPTIONS[:-2])}")
     types = {"preset": str, "where": dict, "metadata_fields": list, "prompt_template": str, "split": str,
              "config": str, "revision": str, "bbq_targets": bool, "fields": dict}

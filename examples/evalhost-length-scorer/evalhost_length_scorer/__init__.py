@@ -19,9 +19,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from evalhost.errors import UserError
-from evalhost.hookspecs import hookimpl
-from evalhost.types import Score, Scorer, TaskItem
+from evalhost.api import Score, Scorer, TaskItem, UserError, check_keys, hookimpl
 
 __version__ = "0.1.0"
 
@@ -52,11 +50,11 @@ def _looks_cut(text: str) -> str | None:
 
 
 class LengthFormat(Scorer):
+    options_known = tuple(DEFAULTS)  # evalhost refuses any other key at plan time (``evalhost run --dry-run``)
+
     def __init__(self, options: dict[str, Any] | None = None) -> None:
         super().__init__(options)
-        unknown = sorted(set(self.options) - set(DEFAULTS))
-        if unknown:
-            raise UserError(f"unknown length scorer option '{unknown[0]}'; known: {', '.join(DEFAULTS)}")
+        check_keys(self.options, DEFAULTS, "scorer 'length'")  # "... (did you mean 'short_below'?)"
         merged = {**DEFAULTS, **self.options}
         for key, value in merged.items():
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
