@@ -28,6 +28,7 @@ from collections import Counter
 from collections.abc import Mapping as _MappingABC
 from typing import Any, Iterable, Mapping, Sequence
 
+from . import cobatch
 from . import stats as st
 from .errors import UserError
 
@@ -285,7 +286,8 @@ def not_comparable_reason(solo: Mapping[str, Any], batch: Mapping[str, Any], fli
     sp, bp = pack_hex(solo.get("prompt_sha256")), pack_hex(batch.get("prompt_sha256"))
     if sp is not None and bp is not None and sp != bp:
         return "prompt_mismatch"
-    return None
+    # a batch group without verified co-batching is not the batch condition: "serialized" / "unverified"
+    return cobatch.pair_reason(batch)
 
 
 # -- pairing ----------------------------------------------------------------------------------------------------
@@ -364,7 +366,7 @@ class RateCounts:
     """The counts every rate row is made of, one pair at a time: :func:`rates` and :func:`not_comparable` are this
     over a list; the summary feeds it pair by pair."""
 
-    __slots__ = ("formed", "n", "flips", "substantive", "parse", "text", "truncated", "reasons")
+    __slots__ = ("formed", "n", "flips", "substantive", "parse", "text", "truncated", "reasons", "cobatch")
 
     def __init__(self) -> None:
         self.formed = self.n = self.flips = self.substantive = self.parse = self.text = self.truncated = 0
@@ -373,8 +375,9 @@ class RateCounts:
     def add(self, p: Mapping[str, Any]) -> "RateCounts":
         self.formed += 1
         reason = p.get("not_comparable")
-        if reason in self.reasons:
-            self.reasons[reason] += 1
+        if reason in self.reasons or reason in cobatch.VERDICTS:
+            self.reasons[reason] = self.reasons.get(reason, 0) + 1
+        self.cobatch.add(p)
         if not p.get("comparable", True):
             return self
         self.n += 1
@@ -404,7 +407,7 @@ class RateCounts:
                 "parse_failure_flips": st.proportion(self.parse, n),
                 "text_changes": st.proportion(self.text, n),
                 "truncated_changes": self.truncated,
-                "not_comparable": self.not_comparable(duplicates)}
+                "not_comparable": self.not_comparable(duplicates), **self.cobatch.result()}
 
 
 def not_comparable(pairs: Iterable[Mapping[str, Any]], duplicates: int = 0) -> dict[str, int]:
@@ -429,7 +432,9 @@ def pair_distribution(pairs: Iterable[Mapping[str, Any]], a: str, b: str) -> lis
     return pair_distribution_counts(Counter((p.get(a), p.get(b)) for p in pairs))
 
 
+        "cobatch": cobatch.verdict_name(rec), "count_unverified": cobatch.policy(rec),
 def pair_distribution_counts(counts: Mapping[tuple, int]) -> list[dict[str, Any]]:
     """``[{"solo", "batch", "count"}]`` of a Counter of (solo value, batch value), in value order."""
     return [{"solo": s, "batch": t, "count": c}
             for (s, t), c in sorted(counts.items(), key=lambda kv: (sort_key(kv[0][0]), sort_key(kv[0][1])))]
+        self.cobatch = cobatch.Tally()

@@ -75,8 +75,33 @@ def headline(summary: Mapping[str, Any]) -> str:
     return "\n".join(["## Headline: batch vs solo", "", flip_on_sentence(flip_on) + " A pair is a batch record and its "
                       "solo record (repeat 0); it is comparable when neither side errored, both are labelled, both "
                       "sent the same prompt and its key is not a duplicate. Rates are over comparable pairs, with "
-                      "Wilson 95% CIs; a text change is a different output SHA-256.", ""]
+                      "Wilson 95% CIs; a text change is a different output SHA-256." + cobatch_sentence(summary), ""]
                      + [backend_sentence(r, flip_on) for r in rows] + ["", table(headers, body)])
+
+
+def cobatch_sentence(summary: Mapping[str, Any]) -> str:
+    """' Co-batching: ...' - how many batch pairs had verified co-batching and which rule counted them ('' when no
+    record carries a verdict, as in runs from before verdicts existed)."""
+    cb = (summary.get("overall") or {}).get("cobatch")
+    if not cb:
+        return ""
+    total = sum(int(cb.get(k) or 0) for k in ("verified", "serialized", "unverified", "not_recorded"))
+    policy = cb.get("count_unverified")
+    s = (f" Co-batching: {cb.get('verified', 0)} of {total} batch pairs come from groups with verified co-batching "
+         f"(the engine reported the whole group running, or the backend runs a prompt list as one batch), "
+         f"{cb.get('serialized', 0)} from groups the server ran one after another (serialized: never a batch), "
+         f"{cb.get('unverified', 0)} from groups with no evidence either way (unverified)")
+    if cb.get("not_recorded"):
+        s += f", {cb['not_recorded']} from groups recorded without a verdict (counted)"
+    if policy is True:
+        s += (". Verified and unverified groups count as the batch condition (`[study] count_unverified = true`); "
+              "serialized ones are not comparable")
+    elif policy is False:
+        s += (". Only verified groups count as the batch condition; serialized and unverified ones are not "
+              "comparable (`[study] count_unverified = false`)")
+    else:
+        s += ". Records were written under different `count_unverified` settings"
+    return s + "; the rules are in evalhost.cobatch and docs/engines.md."
 
 
 def breakdown_table(rows: Sequence[Mapping[str, Any]], name: str, noun: str = "Label flips") -> str:

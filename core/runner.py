@@ -26,6 +26,8 @@ from .models import cache_dir
 from .plan import BackendWork, Job, build_plan, describe, record_key
 from .registry import Registry, get_registry, require_clean
 from .backend_extra import record_extra
+from .cobatch import finalize
+from .dispatch_needs import check_started
 from .solo_cache import SoloCache, enabled as solo_enabled, plugins_in_use, solo_stack
 from .records import RECORDS, RecordWriter, recorded_keys, write_json_atomic
 from .rundir import MANIFEST, STUDY, RunDir
@@ -75,6 +77,8 @@ def execute_work(work: BackendWork, sampling: Sampling, context: RunContext, ski
         with gate if gate is not None and not backend.starts_alongside_others() else contextlib.nullcontext():
             backend.preflight()
             backend.start()
+        # what the endpoint turned out to lack (a probe at start) refuses the study before the first group
+        check_started(backend, [j.dispatcher for j in todo], registry, work.backend.label)
         fp = {"backend_plugin": work.backend.plugin, "backend_config": work.backend.options,
               "model": asdict(work.model), **backend.fingerprint(),
               # every plugin this work uses, as "distribution==version" (the backend's keys the solo cache)
@@ -198,7 +202,9 @@ def build_records(study: Study, run_id: str, done: GroupDone, fid: str, scorers:
             "score": None if score is None else score.value,
             "rationale": None if score is None else score.rationale, "scorer_error": scorer_error,
             "timings": t, "attempts": gen.attempts, "restarted": gen.restarted,
-            "dispatch_evidence": result.evidence, "fingerprint_id": fid,
+            # batch groups get their co-batching verdict and whether it counts (evalhost.cobatch)
+            "dispatch_evidence": finalize(result.evidence, job.condition, study.count_unverified, len(job.members)),
+            "fingerprint_id": fid,
             # Generation.extra, JSON-safe and at most 64 KiB (evalhost.backend_extra)
             "backend_extra": record_extra(gen.extra),
             "candidate_kind": cand.get("kind"),

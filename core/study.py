@@ -113,6 +113,7 @@ SCHEMA: dict[str, dict[str, tuple]] = {
         "repeats": (int, False, _repeats),
         "solo_repeats": (int, False, _repeats),
         "flip_on": (str, False, _enum("label", "score")),
+        "count_unverified": (bool, False, None),  # batch groups without co-batching evidence count (evalhost.cobatch)
     },
     "sampling": {
         "temperature": ((int, float), False, _nonneg),
@@ -153,7 +154,8 @@ SCHEMA: dict[str, dict[str, tuple]] = {
 TOP = {"study": "table", "sampling": "table", "models": "list", "backends": "list", "dispatchers": "list",
        "tasks": "list"}
 REQUIRED_TOP = ("study", "models", "backends", "tasks")
-_TYPE_NAMES = {str: "a string", int: "an integer", dict: "a table", list: "a list", (int, float): "a number"}
+_TYPE_NAMES = {str: "a string", int: "an integer", dict: "a table", list: "a list", (int, float): "a number",
+               bool: "true or false"}
 
 
 @dataclass(frozen=True)
@@ -200,6 +202,7 @@ class Study:
     repeats: int = 1
     solo_repeats: int = 1
     flip_on: str = "label"  # what counts as a flip in the rates: a label change or a score change
+    count_unverified: bool = False  # whether batch groups with an `unverified` co-batching verdict count as batches
     path: Path | None = None
     text: str = ""
 
@@ -230,7 +233,7 @@ def _check_table(table: Any, schema: dict[str, tuple], where: str, path: Path | 
                 raise _fail(path, f"missing required key '{where}.{key}'")
             continue
         value = table[key]
-        ok = isinstance(value, typ) and not isinstance(value, bool)
+        ok = isinstance(value, typ) and (typ is bool or not isinstance(value, bool))
         if typ is list and isinstance(value, list):
             ok = True
         if not ok:
@@ -386,6 +389,7 @@ def parse_study(text: str, path: Path | None = None) -> Study:
         sampling=sampling, models=models, backends=backends, dispatchers=dispatchers, tasks=tasks,
         description=s.get("description", ""), phase=s.get("phase", ""), repeats=repeats,
         solo_repeats=int(s.get("solo_repeats", repeats)), flip_on=s.get("flip_on", "label"), path=path, text=text,
+        count_unverified=bool(s.get("count_unverified", False)),
     )
 
 

@@ -9,6 +9,9 @@ kept only in the HTTP client's Authorization header, and never written to record
 the endpoint).
 
 ``generate(prompts)`` is one request with the prompt list; ``agenerate`` one async single-prompt request.
+At start a capability probe (:mod:`.capabilities`) asks the endpoint whether it accepts prompt lists, returns token
+ids, exposes engine metrics and streams; the findings go into the fingerprint (``capabilities``) and the evidence,
+and an endpoint that refuses prompt lists loses the capability ``prompt_list`` (the study is refused up front).
 Nothing is restarted here: failures are retried with bounded backoff, then a :class:`RunError`.
 """
 from __future__ import annotations
@@ -19,12 +22,14 @@ from typing import Any
 
 from evalhost.api import CONCURRENT, PROMPT_LIST, hookimpl, UserError
 
+from .capabilities import stable
 from .completions import CompletionsBackend, CompletionsClient, check_option_keys
 
 
 class OpenAIBackend(CompletionsBackend):
     plugin_name = "openai"
-    capabilities = frozenset({PROMPT_LIST, CONCURRENT})
+    capabilities = frozenset({PROMPT_LIST, CONCURRENT})  # narrowed at start by the capability probe
+    probed_capabilities: dict[str, Any] | None = None
     OPTIONS: dict[str, Any] = {
         **CompletionsBackend.COMMON_OPTIONS,
         "base_url": str,
@@ -83,6 +88,11 @@ class OpenAIBackend(CompletionsBackend):
         self.base_url = self.client.base_url
         self.served_model = str(self.options["model"])
         self.probe_token_ids()
+        from .capabilities import probe  # what the endpoint can do: prompt lists, metrics, streaming
+
+        self.probed_capabilities = probe(self.client, self.served_model, bool(self._server_token_ids))
+        if not self.probed_capabilities["prompt_list"]:
+            self.capabilities = frozenset(type(self).capabilities - {PROMPT_LIST})
 
     def close(self) -> None:
         super().close()
@@ -106,7 +116,12 @@ class OpenAIBackend(CompletionsBackend):
             "api_key_env": self.options.get("api_key_env"),  # the variable's name only, never its value
             "token_ids_source": self.token_ids_source,
             "chat_template": self.uses_chat_template(),  # resolved: were prompts rendered with the template?
+            **({"capabilities": stable(self.probed_capabilities)} if self.probed_capabilities else {}),
         }
+
+    def evidence(self) -> dict[str, Any]:
+        """The capability probe's findings with their reasons (plugins/backends/capabilities.py)."""
+        return {"capabilities": self.probed_capabilities} if self.probed_capabilities else {}
 
 
 @hookimpl

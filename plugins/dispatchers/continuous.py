@@ -30,8 +30,10 @@ Options (all optional):
 Evidence: ``fillers_in_flight_at_admit`` = number of filler lifetimes with ``sent < target_sent < finished``
 (the minimum over targets), ``fillers_decoding_at_admit`` (the same with ``first_token < target_sent``, when the
 backend reports first-token times, else None), ``filler_intervals``, ``target_intervals``, ``arm``, ``phase``,
-``occupancy``, ``max_running``. After the target finishes no new filler starts; the group returns once the fillers
-in flight have finished, so nothing of this group is still running on the server when the next group starts.
+``occupancy``, ``max_running``, and ``cobatch``: whether the target joined a running batch (``verified`` |
+``serialized`` | ``unverified``, rules in :mod:`evalhost.cobatch`). After the target finishes no new filler
+starts; the group returns once the fillers in flight have finished, so nothing of this group is still running on
+the server when the next group starts.
 """
 from __future__ import annotations
 
@@ -244,6 +246,9 @@ class Continuous(Dispatcher):
             "target_intervals": target_intervals,
         }
         evidence.update(sampler.evidence())
+        from evalhost.cobatch import continuous_verdict  # did the target join a running batch? (with its rule)
+
+        evidence["cobatch"] = continuous_verdict(evidence)
         return GroupResult(generations, evidence)
 
 

@@ -11,7 +11,9 @@ Evidence of co-batching, per group:
 * ``overlap_all``: ``max(sent) < min(finished)`` - every request's lifetime overlapped every other's;
 * ``max_running``: the largest number of requests the engine was running while the group ran, sampled every
   ``metrics_interval_s`` through the backend's :meth:`~evalhost.api.Backend.engine_metrics` (the vLLM and OpenAI
-  backends read ``vllm:num_requests_running``); ``None`` when the backend reports no engine metrics or they failed.
+  backends read ``vllm:num_requests_running``); ``None`` when the backend reports no engine metrics or they failed;
+* ``cobatch``: the verdict ``verified`` | ``serialized`` | ``unverified`` with its rule and why
+  (:mod:`evalhost.cobatch`); each interval also records its output ``tokens``, which the rule reads.
 
 Groups run on the process's shared event loop (``context.run_async``). Also home of the async helpers
 :mod:`.continuous` shares: timed requests, the sampler, the option checks.
@@ -41,6 +43,7 @@ async def timed_agenerate(backend: Backend, prompt: str, sampling: Sampling) -> 
         "sent": gen.timings["sent"],
         "first_token": gen.timings.get("first_token"),
         "finished": gen.timings["finished"],
+        "tokens": len(gen.token_ids),  # output tokens: the co-batching verdict's finish_queue rule reads them
     }
     return gen, interval
 
@@ -183,6 +186,10 @@ class Synchronized(Dispatcher):
             "intervals": intervals,
         }
         evidence.update(sampler.evidence())
+        from evalhost.cobatch import synchronized_verdict  # verified | serialized | unverified, with its rule
+
+        evidence["cobatch"] = synchronized_verdict(n, evidence.get("max_running"), intervals,
+                                                   evidence.get("metrics_error") or evidence.get("metrics"))
         return GroupResult(generations, evidence)
 
 
