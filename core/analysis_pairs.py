@@ -344,6 +344,7 @@ def make_pair(solo: Mapping[str, Any], rec: Mapping[str, Any], flip_on: str = "l
         "truncated": solo.get("finish_reason") == "length" or rec.get("finish_reason") == "length",
         "first_divergent_token": first_divergence(solo.get("output_token_ids"), rec.get("output_token_ids")),
         "direction": dirn, "comparable": comparable, "not_comparable": reason, "ok": comparable,
+        "cobatch": cobatch.verdict_name(rec), "count_unverified": cobatch.policy(rec),
         "scorer": rec.get("scorer"), "scorer_error": rec.get("scorer_error") or solo.get("scorer_error"),
     }
 
@@ -371,6 +372,7 @@ class RateCounts:
     def __init__(self) -> None:
         self.formed = self.n = self.flips = self.substantive = self.parse = self.text = self.truncated = 0
         self.reasons = dict.fromkeys(REASONS, 0)
+        self.cobatch = cobatch.Tally()
 
     def add(self, p: Mapping[str, Any]) -> "RateCounts":
         self.formed += 1
@@ -432,9 +434,7 @@ def pair_distribution(pairs: Iterable[Mapping[str, Any]], a: str, b: str) -> lis
     return pair_distribution_counts(Counter((p.get(a), p.get(b)) for p in pairs))
 
 
-        "cobatch": cobatch.verdict_name(rec), "count_unverified": cobatch.policy(rec),
 def pair_distribution_counts(counts: Mapping[tuple, int]) -> list[dict[str, Any]]:
     """``[{"solo", "batch", "count"}]`` of a Counter of (solo value, batch value), in value order."""
     return [{"solo": s, "batch": t, "count": c}
             for (s, t), c in sorted(counts.items(), key=lambda kv: (sort_key(kv[0][0]), sort_key(kv[0][1])))]
-        self.cobatch = cobatch.Tally()
