@@ -89,6 +89,19 @@ def headline_rows(by_backend: Mapping[str, RateCounts], backends: Iterable[str],
     return rows
 
 
+def add_scorer_pair(by_scorer: dict[str, Counter], p: Mapping[str, Any]) -> None:
+    """Count a comparable pair's (solo label, batch label) under its scorer (the batch record's)."""
+    if p.get("comparable", p.get("ok")):
+        scorer = str(p.get("scorer") or "unknown scorer")
+        by_scorer.setdefault(scorer, Counter())[(str(p["solo_label"]), str(p["batch_label"]))] += 1
+
+
+def scorer_pair_rows(by_scorer: Mapping[str, Counter]) -> list[dict[str, Any]]:
+    """``label_pairs_by_scorer``: one solo -> batch label distribution per scorer (never mixed)."""
+    return [{"scorer": s, "pairs": [{"solo": a, "batch": b, "count": n} for (a, b), n in sorted(by_scorer[s].items())]}
+            for s in sorted(by_scorer)]
+
+
 class _Cell:
     __slots__ = ("first", "records", "tps", "rates", "divs", "rep_k", "rep_n")
 
@@ -178,8 +191,7 @@ class Tally:
         g[2] += bool(p["flip"])
         self.label_pairs[(p.get("solo_label"), p.get("batch_label"))] += 1
         self.score_pairs[(p.get("solo_score"), p.get("batch_score"))] += 1
-        scorer = str(p.get("scorer") or "unknown scorer")
-        self.by_scorer.setdefault(scorer, Counter())[(str(p["solo_label"]), str(p["batch_label"]))] += 1
+        add_scorer_pair(self.by_scorer, p)
         if p["flip"]:
             self.directions[(p["direction"], p.get("domain"))] += 1
         if self.adjudications:
@@ -269,9 +281,7 @@ class Tally:
                               for dom, d in sorted(self.adj_domain.items(), key=lambda kv: sort_key(kv[0]))]}
 
     def scorer_pairs(self) -> list[dict[str, Any]]:
-        return [{"scorer": s, "pairs": [{"solo": a, "batch": b, "count": n}
-                                        for (a, b), n in sorted(self.by_scorer[s].items())]}
-                for s in sorted(self.by_scorer)]
+        return scorer_pair_rows(self.by_scorer)
 
     def result(self) -> dict[str, Any]:
         """The ``summarize`` dict (see :mod:`evalhost.analysis`)."""

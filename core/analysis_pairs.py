@@ -215,25 +215,114 @@ def shared(value: Any) -> Any:
 
 SOLO_FIELDS = ("key", "label", "score", "finish_reason", "scorer_error", "output_text", "prompt_sha256",
                "output_sha256", "output_token_ids")
+_STATES: dict = {}
 
 
 def project(rec: Mapping[str, Any]) -> tuple:
     """The compact projection of a cleaned record: exactly what :func:`make_pair` reads from a solo record, with
-    the output text reduced to whether it is empty (``""``) or not (None), the hashes packed and the token ids
-    compact.  :func:`expand` turns it back into a mapping."""
+    the output text reduced to whether it is empty (``""``) or not (None), the two hashes packed (one 64-byte
+    string when both are hex digests), the token ids compact and the small values shared between records:
+    ``(key, (label, score, finish_reason, scorer_error, text), hashes, token ids)``.  :func:`expand` turns it back
+    into a mapping."""
     text = rec.get("output_text")
-    return (rec.get("key"), shared(rec.get("label")), shared(rec.get("score")), shared(rec.get("finish_reason")),
-            rec.get("scorer_error"), "" if _empty(text) else None, pack_hex(rec.get("prompt_sha256")), text_id(rec),
-            compact_ids(rec.get("output_token_ids")))
+    state = (shared(rec.get("label")), shared(rec.get("score")), shared(rec.get("finish_reason")),
+             rec.get("scorer_error"), "" if _empty(text) else None)
+    try:
+        state = _STATES.setdefault(state, state) if len(_STATES) < 100_000 else state
+    except TypeError:
+        pass
+    prompt, out = pack_hex(rec.get("prompt_sha256")), text_id(rec)
+    hashes = prompt + out if type(prompt) is bytes and type(out) is bytes else (prompt, out)
+    return (rec.get("key"), state, hashes, compact_ids(rec.get("output_token_ids")))
 
 
 def expand(projection: tuple) -> dict[str, Any]:
-    return dict(zip(SOLO_FIELDS, projection))
+    key, state, hashes, ids = projection
+    prompt, out = (hashes[:32], hashes[32:]) if type(hashes) is bytes else hashes
+    return dict(zip(SOLO_FIELDS, (key, *state, prompt, out, ids)))
 
 
-def intern_key(values: tuple) -> tuple:
-    """A pairing key whose strings are shared with every other record's (``sys.intern``)."""
-    return tuple(sys.intern(v) if type(v) is str else v for v in values)
+class SoloIndex:
+    """The projection (:func:`project`) of the first solo record of repeat 0 per ``(model, backend, task,
+    item_id)`` (the pairing key).  Stored in columns: keys, hashes and token ids each in one growing buffer, so
+    that a million solo items cost a few hundred bytes each, in a few large blocks that go back to the system
+    when the index is dropped; :meth:`get` rebuilds the projection."""
+
+    def __init__(self) -> None:
+        self.by: dict[tuple, dict[Any, int]] = {}
+        self.states: list[tuple] = []
+        self.keys, self.key_end = bytearray(), array("q")
+        self.hashes = bytearray()
+        self.ids, self.ids_end = array("i"), array("q")
+        self.odd: dict[int, tuple] = {}  # row -> its projection, when a part does not fit the columns
+
+    def add(self, rec: Mapping[str, Any]) -> None:
+        """``rec``: a kept, cleaned record (only a solo of repeat 0 is indexed, the first per pairing key)."""
+        if rec.get("condition") != "solo" or rec["repeat"] != 0:
+            return
+        inner = self.by.setdefault((rec.get("model"), rec.get("backend"), rec.get("task")), {})
+        item = rec.get("item_id")
+        if item in inner:
+            return
+        row = inner[item] = len(self.states)
+        key, state, hashes, ids = project(rec)
+        self.states.append(state)
+        fits = (type(key) is str and type(hashes) is bytes
+                and (ids is None or (type(ids) is array and ids.typecode == "i")))
+        if not fits:
+            self.odd[row] = (key, state, hashes, ids)
+            key, hashes, ids = "", bytes(64), None
+        self.keys += key.encode("utf-8", "surrogatepass")
+        self.key_end.append(len(self.keys))
+        self.hashes += hashes
+        if ids is not None:
+            self.ids += ids
+        self.ids_end.append(len(self.ids) if ids is not None else -1 - len(self.ids))
+
+    def get(self, rec: Mapping[str, Any]) -> tuple | None:
+        """The projection of ``rec``'s solo (``rec``: any cleaned record), or None."""
+        inner = self.by.get((rec.get("model"), rec.get("backend"), rec.get("task")))
+        row = None if inner is None else inner.get(rec.get("item_id"))
+        if row is None:
+            return None
+        if row in self.odd:
+            return self.odd[row]
+        k0 = self.key_end[row - 1] if row else 0
+        key = self.keys[k0:self.key_end[row]].decode("utf-8", "surrogatepass")
+        end = self.ids_end[row]
+        start = (self.ids_end[row - 1] if self.ids_end[row - 1] >= 0 else -1 - self.ids_end[row - 1]) if row else 0
+        ids = self.ids[start:end] if end >= 0 else None
+        return (key, self.states[row], bytes(self.hashes[64 * row:64 * row + 64]), ids)
+
+    def __len__(self) -> int:
+        return len(self.states)
+
+
+class PairRow(_MappingABC):
+    """A pair dict kept for later (the changed pairs of a report), read like the dict (``p["flip"]``,
+    ``p.get("key")``, ``dict(p)``): its values in one tuple, the field names shared by every row, strings
+    shared with the other records."""
+
+    __slots__ = ("_index", "_values")
+    _indexes: dict = {}
+
+    def __init__(self, p: Mapping[str, Any]) -> None:
+        names = tuple(p)
+        self._index = PairRow._indexes.setdefault(names, {n: i for i, n in enumerate(names)})
+        self._values = tuple(shared(v) if type(v) is str else [shared(x) for x in v] if type(v) is list else v
+                             for v in p.values())
+
+    def __getitem__(self, name: str) -> Any:
+        return self._values[self._index[name]]
+
+    def __iter__(self):
+        return iter(self._index)
+
+    def __len__(self) -> int:
+        return len(self._values)
+
+    def __repr__(self) -> str:
+        return f"PairRow({dict(self)!r})"
 
 
 _REFUSE = {"refuse", "refusal", "refused", "refuses", "refusing", "refusals"}
@@ -295,17 +384,14 @@ def pair(records: Sequence[Mapping[str, Any]], flip_on: str = "label") -> list[d
     """One pair dict per batch record (first per key) that has its solo record (see the module docstring)."""
     check_flip_on(flip_on)
     recs, _, _ = prepare(records)
-    solos: dict[tuple, tuple] = {}
+    solos = SoloIndex()
     for rec in recs:
-        if rec.get("condition") == "solo" and rec["repeat"] == 0:
-            k = tuple(rec.get(f) for f in PAIR_KEY)
-            if k not in solos:
-                solos[k] = project(rec)
+        solos.add(rec)
     out = []
     for rec in recs:
         if rec.get("condition") != "batch":
             continue
-        solo = solos.get(tuple(rec.get(k) for k in PAIR_KEY))
+        solo = solos.get(rec)
         if solo is not None:
             out.append(make_pair(expand(solo), rec, flip_on))
     return out

@@ -38,7 +38,8 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Mapping
 
 from .analysis_acc import Tally, usable
-from .analysis_pairs import PAIR_KEY, check_flip_on, clean, expand, intern_key, make_pair, peers, project, text_id
+from .analysis_pairs import (PAIR_KEY, PairRow, SoloIndex, check_flip_on, clean, expand, make_pair, peers,
+                             text_id)
 from .analysis_studies import Composition, StudyB
 from .analysis_study_d import Slim, comparable_backends, compare_backends
 
@@ -99,12 +100,13 @@ class RunSummary:
 CHANGED_FIELDS = ("key", "output_text", "output_token_ids", "top_logprobs")
 
 
-def _changed_view(raw: Mapping[str, Any], need: Mapping[Any, set]) -> dict[str, Any]:
+def _changed_view(raw: Mapping[str, Any], need: Mapping[Any, tuple], recorded: bool) -> dict[str, Any]:
     """What the margins (:func:`evalhost.analysis_margins.margins`) and report.html's explorer read of a changed
-    pair's record: its key, output text and token ids, and its top-k logprobs only at the token indices where one
-    of its pairs diverged (the other positions are None; the list keeps its length)."""
+    pair's record: its key and output text, and when the run has top-k logprobs (``recorded``) its token ids and
+    its top-k logprobs only at the token indices where one of its pairs diverged (the other positions are None; the
+    list keeps its length).  Without top-k logprobs the margins read neither."""
     r = clean(raw)
-    view = {f: r[f] for f in CHANGED_FIELDS if f in r}
+    view = {f: r[f] for f in (CHANGED_FIELDS if recorded else CHANGED_FIELDS[:2]) if f in r}
     top = view.get("top_logprobs")
     if isinstance(top, list):
         sparse: list = [None] * len(top)
@@ -150,7 +152,7 @@ def summarize_records(source: Source, adjudications: Mapping[str, str] | None = 
     while True:  # pass 1, made twice only when two keys hash alike
         out, tally, prompts = RunSummary(), Tally(flip_on, adjudications), _PromptsAcross()
         dedupe = _Dedupe(suspects)
-        solos: dict[tuple, tuple] = {}
+        solos = SoloIndex()
         wanted_bases: set = set()
         align: dict[str, Any] = {}
         fps: set = set()
@@ -176,10 +178,7 @@ def summarize_records(source: Source, adjudications: Mapping[str, str] | None = 
                 tally.duplicate(r)
                 continue
             tally.record(r)
-            if r.get("condition") == "solo" and r["repeat"] == 0:
-                k = intern_key(tuple(r.get(f) for f in PAIR_KEY))
-                if k not in solos:
-                    solos[k] = project(r)
+            solos.add(r)
             if r["repeat"] != 0:
                 wanted_bases.add(hash(_repeat_key(r)))
         if suspects is not None:
@@ -195,7 +194,7 @@ def summarize_records(source: Source, adjudications: Mapping[str, str] | None = 
     study_b, study_c = StudyB(), Composition()
     slims: list[Slim] = []
     first_config: dict[str, Any] = {}
-    need: dict[Any, set] = {}  # key of a changed pair's record -> the token indices its margin reads
+    need: dict[Any, tuple] = {}  # key of a changed pair's record -> the token indices its margin reads
     bases: dict[tuple, tuple] = {}  # (cell, item, position, peers) -> the first repeat-0 record's value
     batch_bases: dict[tuple, tuple] = {}  # the same for the first repeat-0 *batch* record when that differs
     stash: list[tuple] = []  # records of repeat != 0, compared once every base is known
@@ -220,10 +219,10 @@ def summarize_records(source: Source, adjudications: Mapping[str, str] | None = 
                     batch_bases.setdefault(rk, value)
             elif rep != 0:
                 stash.append((rep, cond, r.get("backend"), r.get("cell"), rk, value,
-                              intern_key(tuple(r.get(f) for f in PAIR_KEY))))
+                              tuple(r.get(f) for f in PAIR_KEY)))
         if cond != "batch":
             continue
-        solo = solos.get(intern_key(tuple(r.get(f) for f in PAIR_KEY)))
+        solo = solos.get(r)
         if solo is None:
             continue
         p = make_pair(expand(solo), r, flip_on)
@@ -240,16 +239,17 @@ def summarize_records(source: Source, adjudications: Mapping[str, str] | None = 
             s.peers = tuple(p["peers"])
             slims.append(s)
         if p["comparable"] and (p["flip"] or p["text_change"]):
-            out.changed_pairs.append(p)
+            out.changed_pairs.append(PairRow(p))
             d = p["first_divergent_token"]
             for k in (p["key"], p["solo_key"]):
-                need.setdefault(k, set())
-                if d is not None:
-                    need[k].add(d)
+                have = need.setdefault(k, ())
+                if d is not None and d not in have:
+                    need[k] = have + (d,)
     for rep, cond, backend, cell, rk, value, pk in stash:  # repeats against their repeat 0
         if cond == "solo":
-            solo = solos.get(pk)
-            base = None if solo is None else (solo[7], solo[1], solo[3] != "error" and solo[4] is None)
+            solo = solos.get(dict(zip(PAIR_KEY, pk)))
+            solo = None if solo is None else expand(solo)
+            base = None if solo is None else (text_id(solo), solo["label"], usable(solo))
         elif cond == "batch":
             base = bases.get(rk)
             base = base if base is not None and base[3] == "batch" else batch_bases.get(rk)
@@ -264,15 +264,16 @@ def summarize_records(source: Source, adjudications: Mapping[str, str] | None = 
         if cell_base is not None and value[2] and cell_base[2]:
             in_cell = value[0] != cell_base[0]
         tally.repeat(cond, backend, cell, text, label, in_cell)
-    del solos, bases, batch_bases, stash
     out.prompt_warnings = prompts.messages()
+    del solos, bases, batch_bases, stash, prompts, dedupe  # the per-item state: freed before the statistics
     out.summary = summary = tally.result()
     if not full:
         return out
     flip_mode = flip_on
     summary["label_pairs_by_scorer"] = tally.scorer_pairs()
     if need:  # pass 3: what the margins and report.html read of the changed pairs' records
-        out.changed_records = records_for_keys(source, need, lambda r: _changed_view(r, need), tally.given)
+        out.changed_records = records_for_keys(source, need, lambda r: _changed_view(r, need, recorded),
+                                               tally.given)
     from .analysis_margins import margins
 
     summary["margins"] = margins(out.changed_records, out.changed_pairs)

@@ -115,16 +115,12 @@ def breakdown_table(rows: Sequence[Mapping[str, Any]], name: str, noun: str = "L
 
 def label_pairs_by_scorer(records: Sequence[Mapping[str, Any]], pairs: Sequence[Mapping[str, Any]]
                           ) -> list[dict[str, Any]]:
-    """Solo -> batch label counts over comparable pairs, one list per scorer (the batch record's ``scorer``)."""
-    scorer_of: dict[Any, Any] = {}
-    for r in records:
-        if r.get("condition") == "batch":
-            scorer_of.setdefault(r.get("key"), r.get("scorer"))
-    counts: dict[str, Counter] = {}
+    """Solo -> batch label counts over comparable pairs, one list per scorer (the pair's ``scorer``, the batch
+    record's); ``records`` is not needed (kept for callers). The summary counts the same way
+    (:func:`evalhost.analysis_acc.add_scorer_pair`)."""
+    from .analysis_acc import add_scorer_pair, scorer_pair_rows
+
+    by_scorer: dict[str, Counter] = {}
     for p in pairs:
-        if not p.get("comparable", p.get("ok")):
-            continue
-        scorer = str(p.get("scorer") or scorer_of.get(p.get("key")) or "unknown scorer")
-        counts.setdefault(scorer, Counter())[(str(p["solo_label"]), str(p["batch_label"]))] += 1
-    return [{"scorer": s, "pairs": [{"solo": a, "batch": b, "count": n} for (a, b), n in sorted(counts[s].items())]}
-            for s in sorted(counts)]
+        add_scorer_pair(by_scorer, p)
+    return scorer_pair_rows(by_scorer)

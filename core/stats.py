@@ -40,7 +40,22 @@ import warnings
 from typing import Any, Mapping, Sequence
 
 import numpy as np
-from scipy import optimize, stats
+
+
+class _Lazy:
+    """A module imported on first use: scipy.stats costs ~80 MB of resident memory, which ``evalhost report``
+    should not carry while it streams the records (issue 18)."""
+
+    def __init__(self, name: str) -> None:
+        self._name = name
+
+    def __getattr__(self, attr: str) -> Any:
+        import importlib
+
+        return getattr(importlib.import_module(self._name), attr)
+
+
+optimize, stats = _Lazy("scipy.optimize"), _Lazy("scipy.stats")
 
 NAN = float("nan")
 
