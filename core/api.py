@@ -23,7 +23,9 @@ What is here, by use:
 * **Executor contract**: :class:`Executor`; :func:`execute_work` (start a work's backend, run its groups, yield
   :class:`BackendStarted` and :class:`GroupDone` events for the driver); :class:`ItemLoader` (a picklable
   ``load_items`` for a worker process); :func:`worker_context`; :func:`plugin_class`.
-* **Analysis vocabulary**: :func:`label_direction` (how a solo label changed in batch, e.g. ``refuse_to_comply``).
+* **Analysis vocabulary**: :func:`label_direction` (how a solo label changed in batch, e.g. ``refuse_to_comply``);
+  the co-batching verdicts a dispatcher records in its evidence as ``cobatch`` (:func:`synchronized_verdict`,
+  :func:`continuous_verdict`, :func:`prompt_list_verdict`; the rules are in :mod:`evalhost.cobatch`).
 * **Records**: :data:`BACKEND_EXTRA_LIMIT` (bytes): a generation's ``extra`` is recorded as ``backend_extra``,
   made JSON-safe and cut to this size with a note (:mod:`evalhost.backend_extra`).
 * **Testing a plugin** (:mod:`evalhost.testing`, for a plugin's own tests): :func:`register_module` (register a
@@ -58,8 +60,8 @@ __all__ = [
     "load_items",
     # executors
     "Executor", "execute_work", "BackendStarted", "GroupDone", "ItemLoader", "worker_context", "plugin_class",
-    # analysis vocabulary
-    "label_direction",
+    # analysis vocabulary: label changes, the co-batching verdicts dispatchers record (evalhost.cobatch)
+    "label_direction", "synchronized_verdict", "continuous_verdict", "prompt_list_verdict",
     # records: the size limit of a generation's extra (recorded as backend_extra)
     "BACKEND_EXTRA_LIMIT",
     # testing a plugin (evalhost.testing; loaded on first use)
@@ -113,6 +115,9 @@ _LAZY = {
     "ItemLoader": ("plan", "ItemLoader"),
     "item_from_dict": ("items", "item_from_dict"),
     "ITEM_FIELDS": ("items", "FIELDS"),
+    "synchronized_verdict": ("cobatch", "synchronized_verdict"),
+    "continuous_verdict": ("cobatch", "continuous_verdict"),
+    "prompt_list_verdict": ("cobatch", "prompt_list_verdict"),
     "BACKEND_EXTRA_LIMIT": ("backend_extra", "LIMIT"),
     "register_module": ("testing", "register_module"),
     "run_study_in": ("testing", "run_study_in"),

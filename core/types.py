@@ -302,7 +302,8 @@ class Scorer:
         if cls.options_known is not None:
             from .options import check_keys
 
-            check_keys(options, cls.options_known, f"scorer {getattr(cls, 'name', cls.__name__)!r}")
+            name = getattr(cls, "name", None)
+            check_keys(options, cls.options_known, f"scorer '{name}'" if isinstance(name, str) else "the scorer")
         cls(options)
 
     def score(self, item: TaskItem, text: str) -> Score:

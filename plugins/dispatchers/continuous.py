@@ -246,7 +246,7 @@ class Continuous(Dispatcher):
             "target_intervals": target_intervals,
         }
         evidence.update(sampler.evidence())
-        from evalhost.cobatch import continuous_verdict  # did the target join a running batch? (with its rule)
+        from evalhost.api import continuous_verdict  # did the target join a running batch? (with its rule)
 
         evidence["cobatch"] = continuous_verdict(evidence)
         return GroupResult(generations, evidence)

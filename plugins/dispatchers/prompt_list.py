@@ -23,7 +23,7 @@ class PromptList(Dispatcher):
     def run_group(self, backend: Backend, group: Group, sampling: Sampling) -> GroupResult:
         prompts = group.prompts
         generations = expect_count("prompt_list", backend, backend.generate(prompts, sampling), len(prompts))
-        from evalhost.cobatch import prompt_list_verdict  # one batch by construction, or unverified
+        from evalhost.api import prompt_list_verdict  # one batch by construction, or unverified
 
         return GroupResult(generations, {"mode": "prompt_list", "requests": 1, "size": len(prompts),
                                          "cobatch": prompt_list_verdict(backend, len(prompts))})

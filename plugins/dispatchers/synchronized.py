@@ -186,7 +186,7 @@ class Synchronized(Dispatcher):
             "intervals": intervals,
         }
         evidence.update(sampler.evidence())
-        from evalhost.cobatch import synchronized_verdict  # verified | serialized | unverified, with its rule
+        from evalhost.api import synchronized_verdict  # verified | serialized | unverified, with its rule
 
         evidence["cobatch"] = synchronized_verdict(n, evidence.get("max_running"), intervals,
                                                    evidence.get("metrics_error") or evidence.get("metrics"))

@@ -50,10 +50,9 @@ def _looks_cut(text: str) -> str | None:
 
 
 class LengthFormat(Scorer):
-    options_known = tuple(DEFAULTS)  # evalhost refuses any other key at plan time (``evalhost run --dry-run``)
-
     def __init__(self, options: dict[str, Any] | None = None) -> None:
         super().__init__(options)
+        # evalhost builds the scorer once when it plans a study, so these checks also run on `evalhost run --dry-run`
         check_keys(self.options, DEFAULTS, "scorer 'length'")  # "... (did you mean 'short_below'?)"
         merged = {**DEFAULTS, **self.options}
         for key, value in merged.items():
