@@ -30,6 +30,7 @@ from typing import Any
 import click
 
 from .errors import UserError
+from .options import did_you_mean
 
 ADJUDICATIONS = "adjudications.jsonl"
 VERDICTS = ("genuine", "artifact", "skip")
@@ -193,8 +194,7 @@ def import_verdicts(run_dir: Path, path: Path, flip_keys: set[str], batch_keys: 
         if verdict not in VERDICTS:
             raise UserError(f"{where} has verdict {row.get('verdict')!r}; use genuine, artifact or skip")
         if key not in batch_keys:
-            hint = difflib.get_close_matches(key, sorted(flip_keys), n=1)
-            did = f" (did you mean '{hint[0]}'?)" if hint else ""
+            did = did_you_mean(key, sorted(flip_keys))
             raise UserError(f"{where} names key '{key}', which is no batch record of this run{did}; check the key")
         if key not in flip_keys:
             raise UserError(f"{where} names key '{key}', whose labels do not flip; remove that row")

@@ -13,7 +13,6 @@ counted from the matrix axes before any is expanded; options hold no TOML dates 
 """
 from __future__ import annotations
 
-import difflib
 import itertools
 import math
 import sys
@@ -27,6 +26,7 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 from .errors import UserError, user_path
+from .options import did_you_mean
 from .types import DOMAINS, ModelSpec, Sampling
 
 DTYPES = ("auto", "float32", "float16", "bfloat16")
@@ -224,8 +224,7 @@ def _check_table(table: Any, schema: dict[str, tuple], where: str, path: Path | 
         raise _fail(path, f"'{where}' must be a table ([{where}] or [[{where}]]), got {type(table).__name__}")
     for key in table:
         if key not in schema:
-            hint = difflib.get_close_matches(key, list(schema), n=1)
-            extra = f" (did you mean '{where}.{hint[0]}'?)" if hint else f"; allowed: {', '.join(schema)}"
+            extra = did_you_mean(key, schema, f"{where}.") or f"; allowed: {', '.join(schema)}"
             raise _fail(path, f"unknown key '{where}.{_cut(key)}'{extra}")
     for key, (typ, required, check) in schema.items():
         if key not in table:
@@ -319,8 +318,7 @@ def parse_study(text: str, path: Path | None = None) -> Study:
         raise _fail(path, f"nests tables or arrays more than {MAX_DEPTH} levels deep; flatten the options")
     for key in data:
         if key not in TOP:
-            hint = difflib.get_close_matches(key, list(TOP), n=1)
-            extra = f" (did you mean '{hint[0]}'?)" if hint else f"; allowed: {', '.join(TOP)}"
+            extra = did_you_mean(key, TOP) or f"; allowed: {', '.join(TOP)}"
             raise _fail(path, f"unknown top-level key '{_cut(key)}'{extra}")
     for key, kind in TOP.items():
         if key not in data:
