@@ -1,5 +1,23 @@
-"""The hooks evalhost plugins implement. Each ``register_*`` hook is called once, when the plugin manager is built
-(:func:`evalhost.registry.get_registry`), with a ``register(name, cls)`` callable; it returns nothing."""
+"""The hooks an evalhost plugin implements, each documented as pytest documents its hooks: when it is called, what
+it gets, what it returns.
+
+A plugin is a module (or any object) whose functions are marked with :data:`hookimpl` (import it from
+:mod:`evalhost.api`). Built-in plugins (:data:`evalhost.registry.DEFAULT_PLUGINS`) and installed ones (entry-point
+group ``evalhost``) load the same way. An implementation names only the arguments it uses (pluggy passes just
+those). A misspelled hook name makes the plugin a *problem* listed by ``evalhost plugins``, and it is left out.
+
+The ``register_*`` hooks share one shape: called **once per process, when the registry is built** (the first
+command that needs a plugin; every Ray worker builds its own), before any study is read. They get ``register``, a
+callable ``register(name, cls)``; calling it adds ``cls`` under ``name`` for that kind. They return nothing. When
+two plugins register the same name for one kind, a study that uses the bare name is refused and must write
+``distribution:name`` (see :mod:`evalhost.registry`).
+
+When the registered classes are used, for one study: at plan time (also ``evalhost run --dry-run``) every used
+class's ``check_options(options)`` classmethod runs (a :class:`~evalhost.api.UserError` stops the study with one
+sentence, before a run directory or server exists) and every task source's ``load``; then per backend
+configuration: ``Backend(model, options, context)``, ``preflight()``, ``start()``; per group
+``Dispatcher.run_group``; per output ``Scorer.score``; finally ``Backend.close()``.
+"""
 from __future__ import annotations
 
 import pluggy
@@ -10,32 +28,78 @@ hookimpl = pluggy.HookimplMarker("evalhost")
 
 @hookspec
 def register_backends(register):
-    """Called once at plugin loading. Call ``register(name, cls)`` for each :class:`evalhost.types.Backend`
-    subclass the plugin provides (``name`` is what a study's ``[[backends]] name`` uses). Returns nothing."""
+    """Register backends: how prompts reach a model.
+
+    **When**: once, when the registry is built. **Gets** ``register(name, cls)``; ``cls`` subclasses
+    :class:`evalhost.api.Backend`, ``name`` is what a study's ``[[backends]] name`` says. **Returns** nothing.
+
+    The host builds one instance per (model, backend configuration) of a run as ``cls(model, options, context)``
+    (a :class:`~evalhost.api.ModelSpec`, the ``[[backends]] options`` with one point of its ``matrix``, a
+    :class:`~evalhost.api.RunContext`), calls ``preflight()`` and ``start()`` once, then ``render(item)`` per item
+    and ``generate`` / ``agenerate`` / ``generate_solo_many`` through the dispatchers, ``fingerprint()`` and
+    ``evidence()`` for the manifest, and ``close()`` at the end (also after an error). ``capabilities`` (a set of
+    ``PROMPT_LIST``, ``CONCURRENT``, ``CONTINUOUS``) must cover each dispatcher's ``requires``.
+    """
 
 
 @hookspec
 def register_dispatchers(register):
-    """Called once at plugin loading. Call ``register(name, cls)`` for each :class:`evalhost.types.Dispatcher`
-    subclass. Returns nothing."""
+    """Register dispatchers: how a group of prompts is sent through a backend (solo, one batch, released together,
+    joining a running batch).
+
+    **When**: once, when the registry is built. **Gets** ``register(name, cls)``; ``cls`` subclasses
+    :class:`evalhost.api.Dispatcher`, ``name`` is what ``[[dispatchers]] name`` says. **Returns** nothing.
+
+    The host builds ``cls(options, context)`` once per dispatcher configuration and backend, then calls
+    ``run_group(backend, group, sampling)`` for each group and records the :class:`~evalhost.api.GroupResult`'s
+    evidence with every member. A dispatcher reaches the engine only through the backend's methods
+    (``generate``, ``agenerate``, ``engine_metrics``) and runs async work with ``context.run_async``. The
+    classmethod ``group_size_for(options)``, when defined, fixes the group size (``continuous``).
+    """
 
 
 @hookspec
 def register_scorers(register):
-    """Called once at plugin loading. Call ``register(name, cls)`` for each :class:`evalhost.types.Scorer`
-    subclass. Returns nothing."""
+    """Register scorers: output text -> discrete label.
+
+    **When**: once, when the registry is built. **Gets** ``register(name, cls)``; ``cls`` subclasses
+    :class:`evalhost.api.Scorer`, ``name`` is what a task's ``scorer`` (or an item's) says. **Returns** nothing.
+
+    At plan time ``cls.check_options(scorer_options)`` runs (by default it builds ``cls(options)`` once, so checks
+    in ``__init__`` run then). During the run, ``cls(options)`` is built once per (name, options) and
+    ``score(item, text)`` returns a :class:`~evalhost.api.Score` per output; an exception becomes that record's
+    ``scorer_error`` and the run goes on (``evalhost rescore`` labels it later).
+    """
 
 
 @hookspec
 def register_task_sources(register):
-    """Called once at plugin loading. Call ``register(scheme, cls)`` for each :class:`evalhost.types.TaskSource`;
-    a task's ``source = "scheme:location"`` picks it. Returns nothing."""
+    """Register task sources: where a task's items come from.
+
+    **When**: once, when the registry is built. **Gets** ``register(scheme, cls)``; ``cls`` subclasses
+    :class:`evalhost.api.TaskSource`, and a task's ``source = "scheme:location"`` picks it. **Returns** nothing.
+
+    At plan time ``cls.check_options(options)`` gets the study's ``[[tasks]] options`` (refuse keys outside
+    ``options_known``), then ``cls().load(location, options)`` returns the items, with the host's keys ``task``,
+    ``domain`` and ``scorer`` added to ``options``. Build items with :func:`evalhost.api.item_from_dict` to get
+    the host's validation and its one-sentence errors; :func:`evalhost.api.load_items` loads another source.
+    """
 
 
 @hookspec
 def register_executors(register):
-    """Called once at plugin loading. Call ``register(name, cls)`` for each executor (``evalhost run --executor``);
-    see :mod:`evalhost.executor` for the interface. Returns nothing."""
+    """Register executors: where the backends' work runs (``evalhost run --executor NAME``).
+
+    **When**: once, when the registry is built. **Gets** ``register(name, cls)``; ``cls`` subclasses
+    :class:`evalhost.api.Executor`. **Returns** nothing.
+
+    The host builds ``cls(executor_options)`` before the plan (its ``__init__`` checks the options), prints
+    ``describe(plan)`` on ``--dry-run``, and otherwise calls ``run(works, sampling, context, skip, on_event)``: for
+    each work item it must call :func:`evalhost.api.execute_work` somewhere (a thread, a Ray actor) and hand each
+    event (:class:`~evalhost.api.BackendStarted`, :class:`~evalhost.api.GroupDone`) to ``on_event`` in the
+    driver's process; it returns facts for the manifest. A worker elsewhere builds its context with
+    :func:`evalhost.api.worker_context` and :class:`evalhost.api.ItemLoader`.
+    """
 
 
 @hookspec
