@@ -108,11 +108,13 @@ def split_source(source: str, registry: Registry) -> tuple[str, str]:
 
 def load_task(spec: TaskSpec, registry: Registry, base_dir: Path | None = None) -> list[TaskItem]:
     scheme, location = split_source(spec.source, registry)
-    if scheme in ("jsonl", "csv", "candidates", "hf-disk") and base_dir is not None:
+    source_cls = registry.get("task_source", scheme)
+    reads_path = scheme in ("jsonl", "csv", "candidates", "hf-disk") or getattr(source_cls, "location_is_path", False)
+    if reads_path and base_dir is not None:
         p = user_path(location, f"task '{spec.name}' source path")
         if not p.is_absolute() and not p.exists() and user_path(str(base_dir / p), "task path").exists():
             location = str(base_dir / p)  # relative to the study file
-    source = registry.get("task_source", scheme)()
+    source = source_cls()
     options = {"task": spec.name, **spec.options}
     if spec.domain:
         options["domain"] = spec.domain

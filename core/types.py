@@ -320,6 +320,8 @@ class TaskSource:
 
     #: the keys a study's ``[[tasks]] options`` may hold for this source; None (the default) checks none here
     options_known: tuple[str, ...] | None = None
+    #: True: ``location`` is a file path, and a relative one is read next to the study file (as ``jsonl:`` is)
+    location_is_path: bool = False
 
     @classmethod
     def check_options(cls, options: dict[str, Any]) -> None:

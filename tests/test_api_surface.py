@@ -357,3 +357,80 @@ def test_load_plugins_names_an_unknown_plugin(site, monkeypatch):
     reg = reg_mod.build_registry()
     assert {p["name"] for p in reg.plugins if p["distribution"] != "evalhost"} == {"twin-one"}
     assert any("EVALHOST_LOAD_PLUGINS names 'evalhost-nine'" in p for p in reg.problems)
+
+
+# ------------------------------------------------------------------------------------------------ the README
+README_STUDY = """
+[study]
+name = "readme"
+seed = 3
+
+[sampling]
+max_tokens = 8
+
+[[models]]
+name = "m"
+path = "none"
+
+{backends_and_tasks}
+
+[[dispatchers]]
+name = "prompt_list"
+batch_sizes = [2]
+"""
+
+
+def readme_plugins() -> dict[str, str]:
+    """The ``# NAME.py`` python blocks and the study block of README.md's "Write a plugin" section."""
+    text = (REPO / "README.md").read_text(encoding="utf-8")
+    section = text.split("\n## Write a plugin\n", 1)[1].split("\n## ", 1)[0]
+    blocks = {}
+    for lang, body in [(b.split("\n", 1)[0], b.split("\n", 1)[1]) for b in section.split("```")[1::2]]:
+        first = body.split("\n", 1)[0]
+        if lang == "python" and first.startswith("# ") and first.split()[1].endswith(".py"):
+            blocks[first.split()[1]] = body
+        elif lang == "toml" and "[[tasks]]" in body:
+            blocks["study"] = body
+    return blocks
+
+
+def test_the_readme_plugins_use_only_evalhost_api_and_run(tmp_path, monkeypatch):
+    """The README's scorer with options, backend, task source and report section, written to files as they are
+    printed, import only evalhost.api, run a study together, and --dry-run refuses their bad options."""
+    import importlib
+
+    from evalhost.api import UserError
+    from evalhost.runner import run_study
+    from evalhost.study import parse_study
+    from evalhost.testing import register_module, run_study_in
+
+    blocks = readme_plugins()
+    names = ["shouting.py", "upper_backend.py", "lines_source.py", "shout_report.py"]
+    assert set(names) <= set(blocks) and "study" in blocks
+    for name in names:
+        (tmp_path / name).write_text(blocks[name])
+        assert violations(tmp_path / name, None) == [], name
+    # one module holding the four modules' hooks (evalhost.testing.register_module takes one module at a time)
+    (tmp_path / "readme_plugins.py").write_text(
+        "from shouting import register_scorers\nfrom upper_backend import register_backends\n"
+        "from lines_source import register_task_sources\nfrom shout_report import report_sections\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    (tmp_path / "notes.txt").write_text("hello there\n\nbe loud\nquiet please\n")
+    study = README_STUDY.format(backends_and_tasks=blocks["study"])
+    with register_module(importlib.import_module("readme_plugins")):
+        records = run_study_in(tmp_path / "run", study.replace("lines:notes.txt", f"lines:{tmp_path}/notes.txt"),
+                               report=True)
+        assert len(records) == 6  # 3 items, solo and batch
+        assert {(r["output_text"], r["label"]) for r in records if r["item_id"] == "line-4"} == {
+            ("SAY: QUIET PLEASE", "shout")}
+        report = (records.run_dir / "report.md").read_text()
+        assert "## Shouting\n\n6 of 6 outputs shout." in report
+        # the task file is read next to the study file, and bad options stop a dry run with one sentence
+        (tmp_path / "study.toml").write_text(study)
+        for bad, sentence in [("min_letters = 2", "min_leters = 2"), ('prefix = "say: "', 'prefx = "say: "')]:
+            (tmp_path / "bad.toml").write_text(study.replace(bad, sentence))
+            with pytest.raises(UserError, match="did you mean"):
+                run_study(parse_study((tmp_path / "bad.toml").read_text(), tmp_path / "bad.toml"), dry_run=True,
+                          out=lambda line: None)
+        assert run_study(parse_study(study, tmp_path / "study.toml"), dry_run=True, out=lambda line: None) is None
+
