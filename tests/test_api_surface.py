@@ -149,6 +149,24 @@ def test_synchronized_reads_running_requests_through_the_backend(tmp_path):
     assert "base_url" not in source and "httpx" not in source
 
 
+def test_the_openai_backend_reads_engine_metrics_from_its_server(tmp_path):
+    """``engine_metrics`` of a completions backend: the server's ``vllm:num_requests_running`` at ``/metrics``
+    (a ``/v1`` base URL is cut back to the root); None before it knows a server; a page without the gauge raises."""
+    from evalhost.api import ModelSpec, RunContext
+    from evalhost.testing import FakeServer
+
+    ctx = RunContext(tmp_path, tmp_path, log=lambda m: None)
+    backend = reg_mod.build_registry(entry_points=False).get("backend", "openai")(
+        ModelSpec("m", "none"), {"base_url": "http://127.0.0.1:9/v1", "model": "m"}, ctx)
+    assert asyncio.run(backend.engine_metrics()) is None  # not started: no server known
+    with FakeServer(tmp_path) as server:
+        backend.base_url = server.url + "/v1"
+        assert asyncio.run(backend.engine_metrics()) == {"requests_running": 0}
+        backend.base_url = server.url + "/nowhere"
+        with pytest.raises(Exception):
+            asyncio.run(backend.engine_metrics())
+
+
 # ------------------------------------------------------------------------------------------------ dry-run options
 STUDY = """
 [study]
