@@ -1,8 +1,10 @@
 """The executor interface: how the driver hands :class:`~evalhost.plan.BackendWork` to workers.
 
-An executor calls :func:`evalhost.runner.execute_work` for every work item (in process, or inside a Ray actor, ...)
+An executor calls :func:`evalhost.api.execute_work` for every work item (in process, or inside a Ray actor, ...)
 and passes each event it yields to ``on_event`` *in the driver*; the driver alone writes the run directory.
-Executors are plugins (hook ``register_executors``); ``local`` is the default.
+Executors are plugins (hook ``register_executors``; they import :class:`Executor` from :mod:`evalhost.api`);
+``local`` is the default. ``__init__`` checks the options (a :class:`~evalhost.errors.UserError` sentence): the host
+builds the executor before the plan, so ``--dry-run`` refuses a bad ``--parallel`` as it does other plugins' options.
 """
 from __future__ import annotations
 
