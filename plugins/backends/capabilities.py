@@ -33,6 +33,17 @@ def _short(text: str, limit: int = 160) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
+def _message(client: Any, response: Any) -> str:
+    """An error answer's message: ``error.message`` of a JSON body (llama-cpp-python: ``""``), else the body."""
+    try:
+        error = response.json().get("error")
+        text = error.get("message") if isinstance(error, dict) else error
+    except Exception:  # noqa: BLE001 - not JSON: the body itself
+        text = response.text
+    text = _short(client.redact(str(text if text is not None else "")))
+    return f"the message {text!r}" if text else "an empty message"
+
+
 def probe_prompt_list(client: Any, model: str) -> tuple[bool, str]:
     """(accepted, why): one request carrying two prompts, max_tokens 1."""
     payload = {"model": model, "prompt": list(PROBE_PROMPTS), "max_tokens": 1, "temperature": 0.0}
@@ -42,8 +53,7 @@ def probe_prompt_list(client: Any, model: str) -> tuple[bool, str]:
     except Exception as exc:  # noqa: BLE001 - any transport failure is a "no"
         return False, f"a request carrying two prompts failed ({type(exc).__name__})"
     if response.status_code != 200:
-        body = _short(client.redact(response.text)) or "an empty message"
-        return False, f"it answers a list of prompts with HTTP {response.status_code} and {body}"
+        return False, f"it answers a list of prompts with HTTP {response.status_code} and {_message(client, response)}"
     try:
         choices = response.json()["choices"]
         indices = sorted(c["index"] for c in choices if isinstance(c.get("text"), str))
