@@ -1,7 +1,10 @@
 """Analysis of records: solo/batch pairing, label flips and text changes, breakdowns, and the statistics of
 Studies B (cross-model), C (composition arms) and D (paired backend comparison).
 
-Reads record dicts only (see docs/architecture.md for the fields); imports no torch. Every rate is a
+Reads record dicts only (see docs/architecture.md for the fields); imports no torch.  The summary is computed one
+record and one pair at a time (:mod:`evalhost.analysis_acc`) in streamed passes that hold a compact projection of
+the records, never the records (:mod:`evalhost.analysis_run`: ``evalhost report`` on a records file, and the list
+functions here on a list: the same code). Every rate is a
 ``{"k", "n", "rate", "lo", "hi"}`` dict with a Wilson 95% CI (:func:`evalhost.stats.proportion`).
 Pairing and record hygiene live in :mod:`evalhost.analysis_pairs`, Studies B and C in
 :mod:`evalhost.analysis_studies`, Study D in :mod:`evalhost.analysis_study_d`; every public name is importable

@@ -13,9 +13,10 @@ streamed again with :func:`evalhost.records.iter_records`' bounds; or a list), a
    and fed to the summary, the Study B/C counters and, with two or more backends, a slotted Study D row
    (:class:`evalhost.analysis_study_d.Slim`); records of repeat != 0 are compared with their repeat 0; the pair
    dicts of comparable pairs that flipped or changed text are kept (``RunSummary.changed_pairs``);
-3. only when some pair changed: the lines that hold those pairs' keys (a regular-expression look at the line,
-   then JSON), of which :func:`_changed_view` keeps what the logprob margins and report.html read (key, output
-   text, token ids, top-k logprobs at the divergent token) in ``RunSummary.changed_records``.
+3. only when some pair changed: the lines that hold the keys of those pairs' solo records (a regular-expression
+   look at the line, then JSON).  Of a changed pair's records :func:`_changed_view` keeps what the logprob margins
+   and report.html read (key, output text, token ids, top-k logprobs at the divergent token) in
+   ``RunSummary.changed_records`` (the batch record's view is made in pass 2, where it is in hand).
 
 Later passes read only the records the first pass counted (a run still writing may append meanwhile).  Memory
 grows with the solo items (one projection each, ~0.5-1 KB), the changed pairs (their pair dicts and views) and,
@@ -194,7 +195,8 @@ def summarize_records(source: Source, adjudications: Mapping[str, str] | None = 
     study_b, study_c = StudyB(), Composition()
     slims: list[Slim] = []
     first_config: dict[str, Any] = {}
-    need: dict[Any, tuple] = {}  # key of a changed pair's record -> the token indices its margin reads
+    need: dict[Any, tuple] = {}  # key of a changed pair's solo record -> the token indices its margins read
+    batch_views: list[dict[str, Any]] = []  # the same views of the changed pairs' batch records (in hand now)
     bases: dict[tuple, tuple] = {}  # (cell, item, position, peers) -> the first repeat-0 record's value
     batch_bases: dict[tuple, tuple] = {}  # the same for the first repeat-0 *batch* record when that differs
     stash: list[tuple] = []  # records of repeat != 0, compared once every base is known
@@ -241,10 +243,10 @@ def summarize_records(source: Source, adjudications: Mapping[str, str] | None = 
         if p["comparable"] and (p["flip"] or p["text_change"]):
             out.changed_pairs.append(PairRow(p))
             d = p["first_divergent_token"]
-            for k in (p["key"], p["solo_key"]):
-                have = need.setdefault(k, ())
-                if d is not None and d not in have:
-                    need[k] = have + (d,)
+            batch_views.append(_changed_view(r, {p["key"]: () if d is None else (d,)}, recorded))
+            have = need.setdefault(p["solo_key"], ())
+            if d is not None and d not in have:
+                need[p["solo_key"]] = have + (d,)
     for rep, cond, backend, cell, rk, value, pk in stash:  # repeats against their repeat 0
         if cond == "solo":
             solo = solos.get(dict(zip(PAIR_KEY, pk)))
@@ -271,9 +273,9 @@ def summarize_records(source: Source, adjudications: Mapping[str, str] | None = 
         return out
     flip_mode = flip_on
     summary["label_pairs_by_scorer"] = tally.scorer_pairs()
-    if need:  # pass 3: what the margins and report.html read of the changed pairs' records
+    if need:  # pass 3: the solo records of the changed pairs (their batch records were viewed in pass 2)
         out.changed_records = records_for_keys(source, need, lambda r: _changed_view(r, need, recorded),
-                                               tally.given)
+                                               tally.given) + batch_views
     from .analysis_margins import margins
 
     summary["margins"] = margins(out.changed_records, out.changed_pairs)

@@ -131,8 +131,9 @@ def compare_backends(records: Sequence[Mapping[str, Any]], a: str, b: str,
     pb = [r["b"] for r in used]
     excluded = {k: 0 for k in _REASONS}
     for r in rows:
-        if r["reason"] is not None:
-            excluded[r["reason"]] += 1
+        if r["reason"] is not None:  # a co-batching verdict (evalhost.cobatch) is a reason too
+            excluded[r["reason"]] = excluded.get(r["reason"], 0) + 1
+    reasons = tuple(excluded)
     breakdowns = {}
     for field in STUDY_D_FIELDS:
         groups: dict[Any, list] = defaultdict(list)
@@ -142,7 +143,7 @@ def compare_backends(records: Sequence[Mapping[str, Any]], a: str, b: str,
         for v, g in sorted(groups.items(), key=lambda kv: _sort_key(kv[0])):
             gu = [r for r in g if r["reason"] is None]
             n = len(gu)
-            nc = {k: sum(1 for r in g if r["reason"] == k) for k in _REASONS}
+            nc = {k: sum(1 for r in g if r["reason"] == k) for k in reasons}
             out.append({
                 "value": v, "rows": n, "rows_shared": len(g), "not_comparable": nc,
                 "a_flips": st.proportion(sum(r["a"]["flip"] for r in gu), n),
