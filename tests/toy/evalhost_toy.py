@@ -28,6 +28,8 @@ class ToyBackend(Backend):
     axis value). Env ``EVALHOST_TOY_FAIL=<flavour>`` makes that flavour's third batch request fail."""
 
     capabilities = frozenset({PROMPT_LIST, CONCURRENT})
+    # its generate(prompts) is one call over the whole list: a prompt_list group is one batch (evalhost.cobatch)
+    prompt_list_one_batch = "one generate call over the whole list"
 
     def _event(self, what, t0):
         if self.options.get("events"):
