@@ -31,6 +31,7 @@ Summary key ``margins``: ``threshold``, ``threshold_basis``, ``recorded`` (wheth
 ``unknown``, ``unknown_reasons``, ``tie_share`` = tie / (tie + non_tie) with a Wilson CI, ``median_margin``,
 ``histogram`` = counts per bin, ``batch_rank_2``), and ``rows`` (one per text change: ``key``, ``backend``,
 ``margin``, ``class``, ``reason``, ``index``, ``batch_rank``, ``top1_is_chosen``, ``solo_top``, ``batch_top``).
+The rows are shown in report.html; summary.json keeps the aggregates only (``rows_in: "report.html"``).
 """
 from __future__ import annotations
 

@@ -291,11 +291,23 @@ def write_report(run_dir: str | Path, seed: int = 0, plots: bool = True) -> Path
     report = RunDir(run_dir).write_atomic(REPORT, "\n\n".join(parts) + "\n")  # temp + rename, links refused
     summary["plots"] = made
     summary["notes"] = notes
-    RunDir(run_dir).write_atomic(SUMMARY, json.dumps(_json_safe(summary), indent=2, allow_nan=False) + "\n")
+    RunDir(run_dir).write_atomic(SUMMARY, json.dumps(_json_safe(_for_summary_json(summary)), indent=2,
+                                                     allow_nan=False) + "\n")
     from .report_html import write_html
 
     write_html(run_dir, summary, analysis.changed_records, analysis.changed_pairs)  # report.html, atomic
     return report
+
+
+def _for_summary_json(summary: Mapping[str, Any]) -> Mapping[str, Any]:
+    """summary.json holds the aggregates; the per-change margin rows (one per text change: tens of thousands on a
+    large run, ~90 MiB to serialise at 50,000) are shown in report.html and recomputable from the records."""
+    margins = summary.get("margins")
+    if not isinstance(margins, Mapping) or "rows" not in margins:
+        return summary
+    kept = {k: v for k, v in margins.items() if k != "rows"}
+    kept["rows_in"] = "report.html"
+    return {**summary, "margins": kept}
 
 
 def _slug(name: Any) -> str:

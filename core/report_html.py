@@ -207,9 +207,31 @@ def _margins(m: Mapping[str, Any] | None) -> str:
                      [[b["backend"]] + list(b["histogram"]) for b in m["by_backend"]]))
 
 
+# The explorer shows at most this many changes: a page with tens of thousands of rows is neither readable nor cheap
+# to build (a 1,000,000-record run with 5 % of pairs changed needed 150 MiB more for them; bench/README.md). The
+# rows kept are the substantive flips first, then parse-failure flips, then text changes only; the page says so.
+EXPLORER_MAX_ROWS = 2000
+_KIND_ORDER = {"substantive": 0, "parse_failure": 1, "text_change": 2}
+
+
+def _kind(p: Mapping[str, Any]) -> str:
+    return (p.get("flip_kind") or "substantive") if p.get("flip") else "text_change"
+
+
+def explorer_pairs(pairs: Sequence[Mapping[str, Any]], limit: int | None = None) -> tuple[list[Mapping[str, Any]], int]:
+    """The changed comparable pairs the explorer shows (at most ``limit``, substantive flips first) and how many
+    there are in all."""
+    limit = EXPLORER_MAX_ROWS if limit is None else limit
+    changed = [p for p in pairs if p.get("comparable") and (p.get("flip") or p.get("text_change"))]
+    if len(changed) <= limit:
+        return changed, len(changed)
+    order = sorted(range(len(changed)), key=lambda i: (_KIND_ORDER.get(_kind(changed[i]), 3), i))
+    return [changed[i] for i in sorted(order[:limit])], len(changed)
+
+
 def explorer_rows(records: Sequence[Mapping[str, Any]], pairs: Sequence[Mapping[str, Any]],
                   margins: Mapping[str, Any] | None) -> list[dict[str, Any]]:
-    """One row per comparable pair that flipped or changed text, with both texts and its margin."""
+    """One row per given comparable pair that flipped or changed text, with both texts and its margin."""
     from .analysis_pairs import prepare
 
     by_key: dict[Any, Mapping[str, Any]] = {}
@@ -225,7 +247,7 @@ def explorer_rows(records: Sequence[Mapping[str, Any]], pairs: Sequence[Mapping[
         out.append({
             "key": p.get("key"), "task": p.get("task"), "backend": p.get("backend"),
             "dispatcher": p.get("dispatcher"), "batch_size": p.get("batch_size"), "item_id": p.get("item_id"),
-            "kind": p["flip_kind"] if p.get("flip") else "text_change", "direction": p.get("direction"),
+            "kind": _kind(p), "direction": p.get("direction"),
             "solo_label": p.get("solo_label"), "batch_label": p.get("batch_label"),
             "solo_score": p.get("solo_score"), "batch_score": p.get("batch_score"),
             "solo_text": solo.get("output_text") if isinstance(solo.get("output_text"), str) else None,
@@ -247,7 +269,12 @@ def render(summary: Mapping[str, Any], records: Sequence[Mapping[str, Any]],
            pairs: Sequence[Mapping[str, Any]]) -> str:
     """The whole page as one string."""
     margins = summary.get("margins")
-    rows = explorer_rows(records, pairs, margins)
+    shown, total = explorer_pairs(pairs)
+    rows = explorer_rows(records, shown, margins)
+    capped = "" if total <= len(rows) else (
+        f"<p class=\"cap\" id=\"cap\">This page shows {len(rows)} of the {total} changes: substantive flips first, then "
+        f"parse-failure flips, then text changes only. Every change is in the run's records (and "
+        f"<code>evalhost candidates --text-changes</code> exports them all).</p>")
     data = {"rows": rows, "kinds": KINDS, "threshold": (margins or {}).get("threshold")}
     digest = base64.b64encode(hashlib.sha256(_JS.encode("utf-8")).digest()).decode("ascii")
     csp = (f"default-src 'none'; script-src 'sha256-{digest}'; style-src 'unsafe-inline'; img-src 'none'; "
@@ -278,6 +305,7 @@ changed {_e(flip_on)}. Rates are over comparable pairs with Wilson 95% intervals
 {_margins(margins)}
 <h2>Flips and text changes</h2>
 <p>Click a row (or press Enter on it) to see both texts; the highlighted part is where they differ.</p>
+{capped}
 <div class="filters">{selects}<span class="count">showing <span id="shown">0</span> of <span id="total">0</span>
 rows</span></div>
 <table id="flips"><thead><tr>{head}</tr></thead><tbody id="flip-rows"></tbody></table>

@@ -115,7 +115,12 @@ def write_run(run: Path, records: list[dict], adjudications: dict, flip_on: str)
 
 
 def _strip(summary: dict) -> dict:
-    return {k: v for k, v in summary.items() if k not in ("run", "plots", "notes")}
+    """What summary.json and the in-memory summary share: not the run header, plots and notes, nor the per-change
+    margin rows (those go to report.html only)."""
+    out = {k: v for k, v in summary.items() if k not in ("run", "plots", "notes")}
+    if isinstance(out.get("margins"), dict):
+        out["margins"] = {k: v for k, v in out["margins"].items() if k not in ("rows", "rows_in")}
+    return out
 
 
 @pytest.mark.parametrize("flip_on", ["label", "score"])

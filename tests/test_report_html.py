@@ -110,6 +110,26 @@ def test_explorer_rows_carry_texts_margins_and_groups(run_dir):
     assert data["threshold"] == 0.125
 
 
+def test_a_large_run_shows_a_capped_explorer_substantive_flips_first(tmp_path, monkeypatch):
+    """A run with more changes than the explorer shows: the page keeps the substantive flips, then parse failures,
+    then text changes, says how many it left out, and summary.json keeps the margin aggregates without one row per
+    change (issue 18: report memory bounded on a 1,000,000-record run)."""
+    import evalhost.report_html as rh
+
+    monkeypatch.setattr(rh, "EXPLORER_MAX_ROWS", 3)
+    d = tmp_path / "run"
+    d.mkdir()
+    (d / "records.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records()))
+    write_report(d, plots=False)
+    page = (d / "report.html").read_text(encoding="utf-8")
+    data = json.loads(re.search(r'<script type="application/json" id="flip-data">(.*?)</script>', page, re.S).group(1))
+    assert [r["key"] for r in data["rows"]] == ["b1", "b2", "b5"]  # substantive b1, b5 and parse-failure b2 kept
+    assert "shows 3 of the 5 changes" in page
+    summary = json.loads((d / "summary.json").read_text())
+    assert "rows" not in summary["margins"] and summary["margins"]["rows_in"] == "report.html"
+    assert summary["margins"]["overall"]["changes"] == 5  # the aggregates still count every text change
+
+
 def test_written_atomically_through_rundir(tmp_path):
     """A link named report.html is refused (one sentence, as for report.md), never written through."""
     d = tmp_path / "run"
