@@ -170,13 +170,14 @@ def _free_port() -> int:
 
 @pytest.fixture
 def fake_openai(tmp_path):
-    """The fake server, requiring the key ``secret`` and failing its 2nd completions request with HTTP 500 (so the
-    client's retry/log path runs too)."""
+    """The fake server, requiring the key ``secret`` and failing its 5th completions request with HTTP 500 (so the
+    client's retry/log path runs too: requests 1-3 are the backend's start-up probes of token ids, prompt lists and
+    streaming, so the 5th is a generation)."""
     secret = f"sk-evalhost-sentinel-{uuid.uuid4().hex}"
     port = _free_port()
     log = (tmp_path / "fake-server.log").open("w")
     proc = subprocess.Popen([sys.executable, str(FAKE_SERVER), "--port", str(port), "--state",
-                             str(tmp_path / "fake-state"), "--require-key", secret, "--fail-500-on", "2"],
+                             str(tmp_path / "fake-state"), "--require-key", secret, "--fail-500-on", "5"],
                             stdout=log, stderr=subprocess.STDOUT)
     try:
         _wait_listening(proc.pid)

@@ -18,11 +18,21 @@ describe the stack and are stable from one start to the next), the reasons into 
 endpoint lacks is removed from the backend's ``capabilities``, so a study whose dispatcher needs it is refused
 before the first group (:func:`evalhost.plan.check_started`).
 
-No probe request is retried: a failure is an answer ("no"), never a reason to wait.
+A failure is an answer ("no"), with two exceptions: an endpoint that refuses the credentials (HTTP 401/403) stops
+the run at start with one sentence (it would refuse every request; the key is never shown), and an HTTP 5xx to the
+prompt-list request is asked again twice (0.5 s apart) before it counts as "no", so one transient server error does
+not turn a capable endpoint into one whose prompt-list studies are refused (llama-cpp-python's server answers every
+list with HTTP 500, so it is still a "no").
 """
 from __future__ import annotations
 
+import time
 from typing import Any
+
+from evalhost.api import RunError
+
+AUTH_REFUSED = (401, 403)
+RETRIES_ON_5XX = 2
 
 RUNNING_GAUGES = {"vllm:num_requests_running": "vllm"}
 PROBE_PROMPTS = ["Hi", "Hello"]
@@ -47,11 +57,19 @@ def _message(client: Any, response: Any) -> str:
 def probe_prompt_list(client: Any, model: str) -> tuple[bool, str]:
     """(accepted, why): one request carrying two prompts, max_tokens 1."""
     payload = {"model": model, "prompt": list(PROBE_PROMPTS), "max_tokens": 1, "temperature": 0.0}
-    try:
-        response = client.client().post(client.base_url + "/v1/completions", json=payload,
-                                        timeout=client.deadline_for(payload))
-    except Exception as exc:  # noqa: BLE001 - any transport failure is a "no"
-        return False, f"a request carrying two prompts failed ({type(exc).__name__})"
+    for attempt in range(RETRIES_ON_5XX + 1):
+        try:
+            response = client.client().post(client.base_url + "/v1/completions", json=payload,
+                                            timeout=client.deadline_for(payload))
+        except Exception as exc:  # noqa: BLE001 - any transport failure is a "no"
+            return False, f"a request carrying two prompts failed ({type(exc).__name__})"
+        if response.status_code < 500 or attempt == RETRIES_ON_5XX:
+            break
+        time.sleep(0.5)
+    if response.status_code in AUTH_REFUSED:
+        raise RunError(f"{client.base_url} refused the request with HTTP {response.status_code} and "
+                       f"{_message(client, response)}; check the API key in the environment variable the backend "
+                       f"option api_key_env names")
     if response.status_code != 200:
         return False, f"it answers a list of prompts with HTTP {response.status_code} and {_message(client, response)}"
     try:
