@@ -245,6 +245,8 @@ def make_pair(solo: Mapping[str, Any], rec: Mapping[str, Any], flip_on: str = "l
         dirn = "not_comparable"
     else:
         dirn = direction(sl, bl, rec.get("domain")) if label_flip else "unchanged"
+        if flip and not label_flip:  # flip_on = "score": the score moved within one label (e.g. refusal 1.0 -> 0.5)
+            dirn = f"{sl}_score_{solo.get('score')}_to_{rec.get('score')}"
     return {
         "key": rec.get("key"), "solo_key": solo.get("key"), "cell": rec.get("cell"),
         "study": rec.get("study"), "phase": rec.get("phase"),

@@ -475,6 +475,15 @@ def test_flip_on_score_counts_a_score_change_as_the_flip():
         an.summarize(_partial(), flip_on="text")
 
 
+def test_a_score_flip_within_one_label_has_a_direction_not_unchanged():
+    """With flip_on = "score", a flip whose label stays (refusal 1.0 -> 0.5) is named for its score change; the
+    directions table never lists a flip as "unchanged" (the addendum import showed 4 such rows)."""
+    [p] = [p for p in an.pair(_partial(), flip_on="score") if p["item_id"] == "partial"]
+    assert p["direction"] == "refusal_score_1.0_to_0.5"
+    dirs = an.summarize(_partial(), flip_on="score")["directions"]
+    assert [d["direction"] for d in dirs] == ["refusal_score_1.0_to_0.5"]
+
+
 # -- issue 17: Study B per backend -------------------------------------------------------------------------------
 def test_study_b_is_per_backend_never_pooled_and_refuses_the_ci_below_five_models():
     records = []
