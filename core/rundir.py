@@ -199,19 +199,8 @@ class RunDir:
         directory, fsync, rename. An existing link or non-file at ``name`` is refused, never written through."""
         if isinstance(data, str):
             data = data.encode("utf-8")
-        dfd = self._dir_fd()
+        dfd = self._target_dir_fd(name, subdir)
         try:
-            if subdir is not None:
-                sub = self._subdir_fd(subdir, dfd)
-                os.close(dfd)
-                dfd = sub
-            try:
-                st = os.lstat(name, dir_fd=dfd)
-            except FileNotFoundError:
-                st = None
-            if st is not None and not stat.S_ISREG(st.st_mode):
-                self._refuse(f"{subdir}/{name}" if subdir else name,
-                             "link" if stat.S_ISLNK(st.st_mode) else "dir" if stat.S_ISDIR(st.st_mode) else "other")
             tmp = f".{name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _NOFOLLOW | _CLOEXEC, 0o644, dir_fd=dfd)
             try:
@@ -234,6 +223,27 @@ class RunDir:
         text = json.dumps(data, indent=2, sort_keys=True, default=str)
         return self.write_atomic(name, text + "\n")
 
+    def _target_dir_fd(self, name: str, subdir: str | None) -> int:
+        """A descriptor of the directory ``name`` is to be written in (the run directory, or its ``subdir``), after
+        refusing a link or non-file already at ``name``. The caller closes it."""
+        dfd = self._dir_fd()
+        try:
+            if subdir is not None:
+                sub = self._subdir_fd(subdir, dfd)
+                os.close(dfd)
+                dfd = sub
+            try:
+                st = os.lstat(name, dir_fd=dfd)
+            except FileNotFoundError:
+                st = None
+            if st is not None and not stat.S_ISREG(st.st_mode):
+                self._refuse(f"{subdir}/{name}" if subdir else name,
+                             "link" if stat.S_ISLNK(st.st_mode) else "dir" if stat.S_ISDIR(st.st_mode) else "other")
+        except BaseException:
+            os.close(dfd)
+            raise
+        return dfd
+
     def _subdir_fd(self, name: str, dfd: int) -> int:
         try:
             os.mkdir(name, 0o755, dir_fd=dfd)
@@ -249,19 +259,8 @@ class RunDir:
     def move_in(self, src: str | os.PathLike[str], name: str, subdir: str | None = None) -> Path:
         """Rename the file ``src`` (made in a private temp directory inside this one, e.g. a plot) to ``name``
         (in ``subdir``); a link or non-file already at ``name`` is refused, never written through."""
-        dfd = self._dir_fd()
+        dfd = self._target_dir_fd(name, subdir)
         try:
-            if subdir is not None:
-                sub = self._subdir_fd(subdir, dfd)
-                os.close(dfd)
-                dfd = sub
-            try:
-                st = os.lstat(name, dir_fd=dfd)
-            except FileNotFoundError:
-                st = None
-            if st is not None and not stat.S_ISREG(st.st_mode):
-                self._refuse(f"{subdir}/{name}" if subdir else name,
-                             "link" if stat.S_ISLNK(st.st_mode) else "dir" if stat.S_ISDIR(st.st_mode) else "other")
             os.replace(src, name, dst_dir_fd=dfd)
         finally:
             os.close(dfd)
