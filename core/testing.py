@@ -55,38 +55,57 @@ def _distribution_of(module: types.ModuleType) -> tuple[str, str]:
     return f"{module.__name__} (not installed)", str(getattr(module, "__version__", "unknown"))
 
 
+_ACTIVE: list[tuple[types.ModuleType, str]] = []  # the modules of the open register_module blocks, outermost first
+
+
+def _add_module(registry: Any, module: types.ModuleType, name: str) -> None:
+    """Register ``module`` as ``name`` in ``registry`` (skipped when already registered, e.g. by its entry point);
+    a module that cannot be registered raises :class:`evalhost.errors.PluginError`."""
+    from . import registry as reg_mod
+    from .errors import PluginError
+
+    if registry.pm.is_registered(module):
+        return
+    before = len(registry.problems)
+    dist, version = _distribution_of(module)
+    reg_mod._register(registry, registry.pm, module, name, dist)
+    for row in registry.plugins:  # a module that is not installed still names its __version__
+        if row["name"] == name and row["version"] == "unknown":
+            row["version"] = version
+    for entry in registry.entries.values():
+        if entry.plugin == name and entry.version == "unknown":
+            entry.version = version
+    if not registry.pm.is_registered(module):
+        raise PluginError("; ".join(registry.problems[before:]) or f"module {module.__name__} was not registered")
+
+
 @contextlib.contextmanager
 def register_module(module: types.ModuleType | str, name: str | None = None) -> Iterator[Any]:
     """Within the ``with`` block, the registry evalhost uses (:func:`evalhost.registry.get_registry`) is the
-    built-ins, the installed entry points and ``module`` (a module or its dotted name), registered under ``name``
-    (default: the module's name). Yields that registry. A module already loaded (e.g. through its own entry point)
-    is not registered twice. A module that cannot be registered (a misspelled hook) raises
+    built-ins, the installed entry points, the modules of enclosing ``register_module`` blocks and ``module`` (a
+    module or its dotted name), registered under ``name`` (default: the module's name). Yields that registry.
+    Blocks nest: inside ``with register_module(a): with register_module(b):`` both ``a`` and ``b`` are seen, and
+    leaving the inner block restores the registry with ``a`` only. A module already loaded (e.g. through its own
+    entry point) is not registered twice. A module that cannot be registered (a misspelled hook) raises
     :class:`evalhost.errors.PluginError` naming the problem, rather than being listed quietly as ``evalhost run``
     does; a name another plugin also registers follows evalhost's collision rule (a study must then qualify it,
     e.g. ``MODULE_NAME:refusal``). The previous registry is restored at the end."""
     from . import registry as reg_mod
-    from .errors import PluginError
 
     if isinstance(module, str):
         module = importlib.import_module(module)
     saved = reg_mod._REGISTRY
     registry = reg_mod.build_registry()
-    if not registry.pm.is_registered(module):
-        before = len(registry.problems)
-        dist, version = _distribution_of(module)
-        reg_mod._register(registry, registry.pm, module, name or module.__name__, dist)
-        for row in registry.plugins:  # a module that is not installed still names its __version__
-            if row["name"] == (name or module.__name__) and row["version"] == "unknown":
-                row["version"] = version
-        for entry in registry.entries.values():
-            if entry.plugin == (name or module.__name__) and entry.version == "unknown":
-                entry.version = version
-        if not registry.pm.is_registered(module):
-            raise PluginError("; ".join(registry.problems[before:]) or f"module {module.__name__} was not registered")
+    for outer, outer_name in _ACTIVE:
+        _add_module(registry, outer, outer_name)
+    _add_module(registry, module, name or module.__name__)
+    mine = (module, name or module.__name__)
+    _ACTIVE.append(mine)
     reg_mod._REGISTRY = registry
     try:
         yield registry
     finally:
+        _ACTIVE.remove(mine)
         reg_mod._REGISTRY = saved
 
 
