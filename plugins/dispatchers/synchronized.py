@@ -50,14 +50,25 @@ async def timed_agenerate(backend: Backend, prompt: str, sampling: Sampling) -> 
 
 class RunningSampler:
     """Samples ``requests_running`` of ``backend.engine_metrics()`` in a background task until :meth:`stop`
-    (``backend`` None: sampling is off)."""
+    (``backend`` None: sampling is off).
+
+    Sampling is best effort and survives a failed sample: a scrape that raises or times out is counted
+    (``metrics_failures``, with the last error) and the next one is tried after ``interval_s``; only
+    ``MAX_CONSECUTIVE_FAILURES`` failures in a row end it (``metrics_error``). One slow or refused scrape of a
+    loaded server must not leave the group with a single early sample (taken before the engine admitted the
+    requests) and so a ``max_running`` that understates what ran together."""
+
+    MAX_CONSECUTIVE_FAILURES = 5
+    SAMPLE_TIMEOUT_S = 10.0
 
     def __init__(self, backend: Backend | None, interval_s: float, enough: int | None = None) -> None:
         self.backend = backend
         self.interval_s = interval_s
         self.enough = enough  # stop sampling once this many requests were seen running (keeps host overhead low)
         self.samples: list[int] = []
+        self.failures = 0
         self.error: str | None = None
+        self.gave_up = False
         self.unsupported = False
         self._stop = asyncio.Event()
         self._task: asyncio.Task | None = None
@@ -66,35 +77,49 @@ class RunningSampler:
         if self.backend is not None:
             self._task = asyncio.ensure_future(self._poll())
 
+    async def _sample(self) -> int | None:
+        """One scrape: the running count, or None when the backend reports no engine metrics. Raises on failure."""
+        metrics = await asyncio.wait_for(self.backend.engine_metrics(), self.SAMPLE_TIMEOUT_S)
+        if metrics is None:
+            return None
+        value = metrics.get("requests_running")
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise ValueError(f"the backend's engine metrics give requests_running = {value!r}")
+        return value
+
     async def _poll(self) -> None:
-        try:
-            while True:
-                metrics = await self.backend.engine_metrics()
-                if metrics is None:
+        consecutive = 0
+        while True:
+            try:
+                value = await self._sample()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # evidence is best effort: a failed sample never fails the group
+                self.failures += 1
+                consecutive += 1
+                self.error = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+                if consecutive >= self.MAX_CONSECUTIVE_FAILURES:
+                    self.gave_up = True
+                    return
+            else:
+                if value is None:
                     self.unsupported = True
                     return
-                value = metrics.get("requests_running")
-                if not isinstance(value, int) or isinstance(value, bool):
-                    self.error = f"the backend's engine metrics give requests_running = {value!r}"
-                    return
+                consecutive = 0
                 self.samples.append(value)
                 if self.enough is not None and value >= self.enough:
                     return
-                try:
-                    await asyncio.wait_for(self._stop.wait(), self.interval_s)
-                    return
-                except asyncio.TimeoutError:
-                    pass
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:  # evidence is best effort: a failed sample never fails the group
-            self.error = f"{type(exc).__name__}: {exc}"
+            try:
+                await asyncio.wait_for(self._stop.wait(), self.interval_s)
+                return
+            except asyncio.TimeoutError:
+                pass
 
     async def stop(self) -> None:
         self._stop.set()
         if self._task is not None:
             try:
-                await asyncio.wait_for(self._task, 15.0)
+                await asyncio.wait_for(self._task, self.SAMPLE_TIMEOUT_S + 5.0)
             except (asyncio.TimeoutError, asyncio.CancelledError):
                 self._task.cancel()
 
@@ -107,8 +132,12 @@ class RunningSampler:
             "max_running": max(self.samples) if self.samples else None,
             "running_samples": self.samples[:64],
         }
-        if self.error:
-            out["metrics_error"] = self.error
+        if self.failures:
+            out["metrics_failures"] = self.failures
+            if self.gave_up or not self.samples:
+                out["metrics_error"] = self.error
+            else:
+                out["metrics_last_failure"] = self.error
         return out
 
 
