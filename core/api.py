@@ -109,9 +109,9 @@ def label_direction(solo_label: Any, batch_label: Any, domain: str | None = None
 
 _LAZY = {
     "Executor": ("executor", "Executor"),
-    "execute_work": ("runner", "execute_work"),
-    "BackendStarted": ("runner", "BackendStarted"),
-    "GroupDone": ("runner", "GroupDone"),
+    "execute_work": ("run_worker", "execute_work"),
+    "BackendStarted": ("run_worker", "BackendStarted"),
+    "GroupDone": ("run_worker", "GroupDone"),
     "ItemLoader": ("plan", "ItemLoader"),
     "item_from_dict": ("items", "item_from_dict"),
     "ITEM_FIELDS": ("items", "FIELDS"),

@@ -277,7 +277,7 @@ def build_records(rows: list[dict[str, Any]], study: str, run_id: str, source: s
                   fids: dict[str, str]) -> list[dict[str, Any]]:
     """Two records (solo, batch) per checked row, in evalhost's record schema."""
     from .plan import cell_id, record_key
-    from .runner import SCHEMA_VERSION
+    from .record_schema import SCHEMA_VERSION
 
     out = []
     for row in rows:
@@ -310,7 +310,7 @@ def import_file(path: str | Path, run_dir: str | Path, flip_on: str = "label", s
     """Import ``path`` into the new directory ``run_dir``; returns (run_dir, rows, records). Nothing is written
     unless every row is good, and an existing ``run_dir`` is refused."""
     from .records import dumps
-    from .runner import fingerprint_id, host_fingerprint
+    from .run_manifest import fingerprint_id, host_fingerprint
 
     path, run_dir = Path(path), Path(run_dir)
     if flip_on not in FLIP_ON:

@@ -9,10 +9,11 @@ import json
 from typing import Any
 
 from .errors import UserError
-from .options import closest
+from .options import unknown_key
 from .types import DOMAINS, TaskItem
 
 FIELDS = ("id", "prompt", "messages", "domain", "choices", "answer", "targets", "scorer", "metadata")
+FIELDS_LIST = ", ".join(FIELDS)
 TARGET_KEYS = ("stereotyped", "anti_stereotyped", "unknown")
 MAX_ID = 200  # characters of an item id (it is part of every record key)
 
@@ -28,11 +29,10 @@ def item_from_dict(
     if not isinstance(raw, dict):
         raise _fail(where, f"the line is a JSON {type(raw).__name__}, not an object", "write one JSON object per line")
     _check_text(raw, where)
-    unknown = [k for k in raw if k not in FIELDS]
-    if unknown:
-        hint = closest(unknown[0], FIELDS)
-        fix = f"did you mean '{hint}'?" if hint else f"known fields: {', '.join(FIELDS)}"
-        raise _fail(where, f"unknown field '{unknown[0]}'", f"rename or remove it ({fix})")
+    unknown = unknown_key(raw, FIELDS)
+    if unknown is not None:
+        key, hint = unknown
+        raise _fail(where, f"unknown field '{key}'", f"rename or remove it{hint or f' (known fields: {FIELDS_LIST})'}")
     item_id = raw.get("id")
     if item_id is None or (isinstance(item_id, str) and not item_id.strip()):
         raise _fail(where, "the item has no 'id'", 'add a unique "id" string')

@@ -26,6 +26,18 @@ def did_you_mean(word: Any, choices: Iterable[Any], prefix: str = "") -> str:
     return f" (did you mean '{prefix}{hint}'?)" if hint is not None else ""
 
 
+def unknown_key(keys: Iterable[Any], known: Iterable[Any], prefix: str = "") -> tuple[Any, str] | None:
+    """The first of ``keys`` not in ``known`` with its hint (:func:`did_you_mean`, ``prefix`` in front of the
+    suggestion; ``""`` when none is close), or None when every key is known. Every "unknown key" sentence (here,
+    the study file's keys, a task item's fields) is built on this one check."""
+    known = [str(k) for k in known]
+    names = set(known)
+    for key in keys:
+        if key not in names:
+            return key, did_you_mean(key, known, prefix)
+    return None
+
+
 def check_keys(options: dict[str, Any], known: Iterable[str], owner: str, noun: str = "option") -> None:
     """Raise :class:`UserError` for the first key of ``options`` not in ``known``, e.g.
     ``scorer 'length' has no option 'max_word' (did you mean 'max_words'?); its options are: max_words, min_words``.
@@ -33,11 +45,11 @@ def check_keys(options: dict[str, Any], known: Iterable[str], owner: str, noun: 
     ``owner`` names what takes the options (``"backend 'vllm'"``); ``noun`` is what a key is (option, field, key).
     """
     known = sorted(str(k) for k in known)
-    for key in options:
-        if key not in known:
-            listing = ", ".join(known) if known else "none"
-            raise UserError(f"{owner} has no {noun} '{_short(key)}'{did_you_mean(key, known)}; its {noun}s are: "
-                            f"{listing}")
+    found = unknown_key(options, known)
+    if found is not None:
+        key, hint = found
+        listing = ", ".join(known) if known else "none"
+        raise UserError(f"{owner} has no {noun} '{_short(key)}'{hint}; its {noun}s are: {listing}")
 
 
 def check_choice(value: Any, choices: Iterable[str], owner: str, key: str) -> None:

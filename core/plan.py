@@ -22,6 +22,7 @@ from typing import Any
 
 from .errors import UserError, user_path
 from .registry import Registry
+from .scoring import scorer_for, task_scorers
 from .study import BackendConfig, DispatcherConfig, Study, TaskSpec
 from .types import DOMAINS, ModelSpec, TaskItem
 
@@ -118,7 +119,7 @@ def load_task(spec: TaskSpec, registry: Registry, base_dir: Path | None = None) 
     options = {"task": spec.name, **spec.options}
     if spec.domain:
         options["domain"] = spec.domain
-    if spec.scorer:
+    if spec.scorer:  # task sources keep it as the items' default; which scorer scores is evalhost.scoring's rule
         options["scorer"] = spec.scorer
     items = source.load(location, options)
     if not items:
@@ -187,8 +188,9 @@ def check_plugins(study: Study, registry: Registry) -> None:
     for t in study.tasks:
         scheme, _ = split_source(t.source, registry)
         _prefixed(f"task '{t.name}' ({scheme})", registry.get("task_source", scheme).check_options, t.options)
-        if t.scorer:
-            _prefixed(f"task '{t.name}'", registry.get("scorer", t.scorer).check_options, t.scorer_options)
+        scorer, options = scorer_for(t)  # the task's own scorer, if it names one (evalhost.scoring)
+        if scorer:
+            _prefixed(f"task '{t.name}'", registry.get("scorer", scorer).check_options, options)
 
 
 def _prefixed(where: str, check, options: dict[str, Any]) -> None:
@@ -200,15 +202,15 @@ def _prefixed(where: str, check, options: dict[str, Any]) -> None:
         raise type(exc)(text if text.startswith("task '") else f"{where}: {text}") from None
 
 
-def _scorer_for(task: TaskSpec, items: list[TaskItem], registry: Registry) -> None:
-    """The scorers of a task's items exist (and, with the task's ``scorer_options``, accept them)."""
-    if task.scorer:
-        return  # checked with its options in check_plugins
-    names = {i.scorer for i in items}
-    if None in names:
+def _check_scorers(task: TaskSpec, items: list[TaskItem], registry: Registry) -> None:
+    """Every item of the task has a scorer (:func:`evalhost.scoring.scorer_for`), and each scorer exists and accepts
+    its options; the task's own scorer was checked in :func:`check_plugins` already."""
+    used = task_scorers(task, items)
+    if None in used:
         raise UserError(f"task '{task.name}' has items without a scorer; set scorer = \"...\" in its [[tasks]] entry")
-    for n in sorted(names):
-        _prefixed(f"task '{task.name}'", registry.get("scorer", n).check_options, task.scorer_options)
+    checked = scorer_for(task)[0]
+    for name in sorted(n for n in used if n != checked):
+        _prefixed(f"task '{task.name}'", registry.get("scorer", name).check_options, used[name])
 
 
 MAX_CELLS = 20_000
@@ -258,7 +260,7 @@ def build_plan(study: Study, registry: Registry) -> Plan:
     base = study.path.parent if study.path else None
     tasks = {t.name: load_task(t, registry, base) for t in study.tasks}
     for t in study.tasks:
-        _scorer_for(t, tasks[t.name], registry)
+        _check_scorers(t, tasks[t.name], registry)
     check_size(study, tasks, registry)
     works = []
     for model in study.models:

@@ -144,7 +144,7 @@ def rescore_run(run_dir: str | Path, scorer: str | None = None, report: bool = T
     """Rescore ``run_dir`` (see the module docstring); returns counts and the history entry (None: no change)."""
     from .registry import get_registry
     from .records import dumps
-    from .runner import _Scorers
+    from .scoring import Scorers
 
     rd = RunDir(run_dir).require()
     rd.read_json(MANIFEST)  # not a run directory: refused before the lock file is made in it
@@ -162,7 +162,7 @@ def rescore_run(run_dir: str | Path, scorer: str | None = None, report: bool = T
         history = _recover(rd, before)
         study, items = _load_items(rd, manifest, registry)
         tasks = {t.name: t for t in study.tasks}
-        scorers = _Scorers(registry, override=scorer)
+        scorers = Scorers(registry, override=scorer)
 
         new_lines: list[bytes] = []
         changed: list[dict[str, Any]] = []

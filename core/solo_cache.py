@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from . import __version__
+from .scoring import scorer_for
 from .types import Generation, Sampling
 
 if TYPE_CHECKING:
@@ -54,17 +55,18 @@ def _scheme(source: str, registry: "Registry") -> str | None:
 
 def plugins_in_use(registry: "Registry", work: "BackendWork") -> dict[str, str]:
     """``{"kind:name": "distribution==version"}`` for every plugin one backend's work uses: the backend, each
-    dispatcher, each scorer (the task's, else the item's) and each task source (the scheme of ``source``).
-    Computed from all the work's jobs, so a resume computes the same dict."""
+    dispatcher, each scorer that scores a target (:func:`evalhost.scoring.scorer_for`; fillers are not scored) and
+    each task source (the scheme of ``source``). Computed from all the work's jobs, so a resume computes the same
+    dict."""
     used: set[tuple[str, str]] = {("backend", work.backend.plugin)}
     for job in work.jobs:
         used.add(("dispatcher", job.dispatcher.plugin))
         used.add(("task_source", _scheme(job.task.source, registry) or ""))
-        for item, _role in job.members:
+        for item, role in job.members:
             cand = item.metadata.get("candidate") or {}
             if cand.get("task_source"):
                 used.add(("task_source", _scheme(cand["task_source"], registry) or ""))
-            scorer = job.task.scorer or item.scorer
+            scorer = scorer_for(job.task, item)[0] if role == "target" else None
             if scorer:
                 used.add(("scorer", scorer))
     out = {}

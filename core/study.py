@@ -26,7 +26,7 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 from .errors import UserError, user_path
-from .options import did_you_mean
+from .options import unknown_key
 from .types import DOMAINS, ModelSpec, Sampling
 
 DTYPES = ("auto", "float32", "float16", "bfloat16")
@@ -222,10 +222,10 @@ def _typename(t) -> str:
 def _check_table(table: Any, schema: dict[str, tuple], where: str, path: Path | None) -> None:
     if not isinstance(table, dict):
         raise _fail(path, f"'{where}' must be a table ([{where}] or [[{where}]]), got {type(table).__name__}")
-    for key in table:
-        if key not in schema:
-            extra = did_you_mean(key, schema, f"{where}.") or f"; allowed: {', '.join(schema)}"
-            raise _fail(path, f"unknown key '{where}.{_cut(key)}'{extra}")
+    unknown = unknown_key(table, schema, f"{where}.")
+    if unknown is not None:
+        key, hint = unknown
+        raise _fail(path, f"unknown key '{where}.{_cut(key)}'{hint or '; allowed: ' + ', '.join(schema)}")
     for key, (typ, required, check) in schema.items():
         if key not in table:
             if required:
@@ -316,10 +316,10 @@ def parse_study(text: str, path: Path | None = None) -> Study:
         raise _fail(path, f"is not valid TOML ({exc}); fix the syntax at that line")
     if _depth(data) > MAX_DEPTH:
         raise _fail(path, f"nests tables or arrays more than {MAX_DEPTH} levels deep; flatten the options")
-    for key in data:
-        if key not in TOP:
-            extra = did_you_mean(key, TOP) or f"; allowed: {', '.join(TOP)}"
-            raise _fail(path, f"unknown top-level key '{_cut(key)}'{extra}")
+    unknown = unknown_key(data, TOP)
+    if unknown is not None:
+        key, hint = unknown
+        raise _fail(path, f"unknown top-level key '{_cut(key)}'{hint or '; allowed: ' + ', '.join(TOP)}")
     for key, kind in TOP.items():
         if key not in data:
             continue

@@ -94,7 +94,7 @@ def test_api_names_every_plugin_kind_and_service():
 
     for name in api.__all__:
         assert getattr(api, name) is not None, name
-    assert api.execute_work.__module__ == "evalhost.runner"
+    assert api.execute_work.__module__ == "evalhost.run_worker"
     assert api.did_you_mean("metric", ["metrics", "phase"]) == " (did you mean 'metrics'?)"
     with pytest.raises(api.UserError, match=r"^scorer 'x' has no option 'lenght' \(did you mean 'length'\?\); "
                                             r"its options are: length, width$"):

@@ -17,7 +17,8 @@ import pytest
 
 from evalhost import registry as reg_mod
 from evalhost.records import read_records
-from evalhost.runner import BackendStarted, GroupDone, run_file
+from evalhost.run_worker import BackendStarted, GroupDone
+from evalhost.runner import run_file
 from evalhost.validate import validate_run
 from toy import make_distribution, write_tasks
 

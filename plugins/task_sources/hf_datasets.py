@@ -28,7 +28,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from evalhost.api import TaskItem, TaskSource, UserError, did_you_mean, hookimpl, item_from_dict, user_path
+from evalhost.api import TaskItem, TaskSource, UserError, check_keys, hookimpl, item_from_dict, user_path
 from .files import check_options
 
 DEFAULT_TEMPLATE = "{context}{question}\n\n{options}\n\nAnswer with the letter of the correct option."
@@ -57,10 +57,7 @@ ITEM_FIELDS = ("id", "prompt", "context", "choices", "answer", "targets")
 
 
 def _check(options: dict[str, Any], where: str) -> dict[str, Any]:
-    unknown = [k for k in options if k not in KNOWN_OPTIONS]
-    if unknown:
-        did = did_you_mean(unknown[0], KNOWN_OPTIONS)
-        raise UserError(f"{where}: unknown option '{unknown[0]}'{did}; known: {', '.join(KNOWN_OPTIONS[:-2])}")
+    check_keys(options, KNOWN_OPTIONS, where)  # "WHERE has no option 'x' (did you mean 'y'?); its options are: ..."
     types = {"preset": str, "where": dict, "metadata_fields": list, "prompt_template": str, "split": str,
              "config": str, "revision": str, "bbq_targets": bool, "fields": dict}
     for key, typ in types.items():
