@@ -211,18 +211,47 @@ def _write_new_file(path: Path, text: str) -> None:
 
 
 @cli.command("import")
-@click.argument("file", type=click.Path(dir_okay=False, path_type=Path))
+@click.argument("files", nargs=-1, required=True, type=click.Path(dir_okay=False, path_type=Path))
 @click.option("-o", "--output", "run_dir", type=click.Path(path_type=Path), required=True,
               help="The run directory to create (must not exist).")
+@click.option("--from", "source", type=click.Choice(["evalhost", "lm-eval", "inspect"]), default="evalhost",
+              show_default=True, help="evalhost: one FILE in evalhost's import format; lm-eval / inspect: two files "
+              "of one task, SOLO then BATCH (lm-eval --log_samples samples_*.jsonl, or inspect .eval/.json logs).")
+@click.option("--metric", default=None, help="lm-eval / inspect: the per-sample metric (lm-eval) or scorer "
+              "(inspect) whose value is each sample's label (default: the first the file names).")
 @click.option("--flip-on", type=click.Choice(["label", "score"]), default="label", show_default=True,
               help="What the report counts as a flip: a label change, or a score change (e.g. 0.5 -> 1.0).")
 @click.option("--study", "study_name", default=None, help="Study name in the records (default: FILE's stem).")
 @click.option("--no-report", is_flag=True, help="Do not write report.md after importing.")
-def import_(file, run_dir, flip_on, study_name, no_report):
-    """Import results made elsewhere (JSONL or CSV, one row per row_id and mode) as a run directory."""
-    from .importer import import_file
+def import_(files, run_dir, source, metric, flip_on, study_name, no_report):
+    """Import results made elsewhere as a run directory.
 
-    path, rows, records = import_file(file, run_dir, flip_on=flip_on, study=study_name)
+    \b
+    evalhost import FILE -o RUN_DIR                                  (JSONL or CSV, one row per row_id and mode)
+    evalhost import --from lm-eval SOLO.jsonl BATCH.jsonl -o RUN_DIR (two lm-eval --log_samples files of one task)
+    evalhost import --from inspect SOLO.eval BATCH.eval -o RUN_DIR   (two inspect logs of one task)
+    """
+    from .importer import import_file, import_pair
+
+    if source == "evalhost" and len(files) != 1:
+        raise UserError(f"evalhost import takes one FILE in evalhost's format but got {len(files)}; for two lm-eval "
+                        f"or inspect files add --from lm-eval or --from inspect (the solo run's file first)")
+    if source != "evalhost" and len(files) != 2:
+        raise UserError(f"evalhost import --from {source} takes two files, SOLO then BATCH, but got {len(files)}; "
+                        f"pass the solo run's file, then the batch run's")
+    if source != "evalhost":
+        from .import_bridge import describe
+        from .report import write_report
+
+        result = import_pair(source, files[0], files[1], run_dir, flip_on=flip_on, study=study_name, metric=metric)
+        for line in describe(result, (files[0], files[1])):
+            click.echo(line)
+        if not no_report:
+            click.echo(f"report: {write_report(result['run_dir'])}")
+        return
+    if metric is not None:
+        raise UserError("--metric is for --from lm-eval or --from inspect; evalhost's format carries its labels")
+    path, rows, records = import_file(files[0], run_dir, flip_on=flip_on, study=study_name)
     click.echo(f"imported {rows} rows -> {records} records in {path} (flip_on = {flip_on})")
     if not no_report:
         from .importer import study_d_section
@@ -233,6 +262,21 @@ def import_(file, run_dir, flip_on, study_name, no_report):
         if section:
             click.echo("\n" + section + "\n")
         click.echo(f"report: {report_path}")
+
+
+@cli.command()
+@click.argument("run_dir", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--format", "fmt", type=click.Choice(["inspect"]), required=True,
+              help="inspect: an inspect_ai log (needs pip install 'evalhost[inspect]').")
+@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), required=True,
+              help="The file to write: FILE.eval (or FILE.json).")
+@click.option("--force", is_flag=True, help="Replace the output file if it exists.")
+def export(run_dir, fmt, output, force):
+    """Write RUN_DIR in another tool's format: one inspect sample per solo/batch pair (`inspect view` browses it)."""
+    from .export_inspect import export_inspect
+
+    path, n = export_inspect(run_dir, output, force=force)
+    click.echo(f"exported {n} solo/batch pairs -> {path} (inspect log; open it with `inspect view`)")
 
 
 @cli.command()

@@ -378,3 +378,20 @@ def study_d_section(report: str) -> str:
     body = report[start + 1:end if end >= 0 else len(report)]
     return "\n".join(line for line in body.splitlines() if not line.startswith("![")).strip()
 
+
+
+# -- the lm-eval and inspect bridges (evalhost.import_lmeval, evalhost.import_inspect) --------------------------
+BRIDGES = ("lm-eval", "inspect")
+
+
+def import_pair(source: str, solo: str | Path, batch: str | Path, run_dir: str | Path, flip_on: str = "label",
+                study: str | None = None, metric: str | None = None) -> dict[str, Any]:
+    """``evalhost import --from lm-eval|inspect SOLO BATCH -o RUN_DIR``: two result files of one task, the first
+    the solo side and the second the batch side, paired sample by sample (see :mod:`evalhost.import_bridge`)."""
+    if source == "lm-eval":
+        from .import_lmeval import import_lmeval as bridge
+    elif source == "inspect":
+        from .import_inspect import import_inspect as bridge
+    else:
+        raise UserError(f"--from {source!r} is not a format evalhost imports; use lm-eval or inspect")
+    return bridge(Path(solo), Path(batch), Path(run_dir), flip_on=flip_on, study=study, metric=metric)
