@@ -89,6 +89,15 @@ def test_the_scan_catches_each_way_of_reaching_into_core(tmp_path):
                      "evalhost.plugins.dispatchers.synchronized", "evalhost.registry"]
 
 
+def test_the_scan_reads_every_module_of_a_plugin_split_into_a_package():
+    """executors/ray/ is a package: each of its modules is scanned, as part of its kind's package."""
+    mods = dict(plugin_modules())
+    ray_dir = PLUGINS / "executors" / "ray"
+    inside = {p.name: package for p, package in mods.items() if p.parent == ray_dir}
+    assert {"__init__.py", "executor.py", "actor.py", "relay.py", "connect.py", "resources.py"} <= set(inside)
+    assert set(inside.values()) == {"evalhost.plugins.executors"}
+
+
 def test_api_names_every_plugin_kind_and_service():
     import evalhost.api as api
 
