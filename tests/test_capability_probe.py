@@ -7,7 +7,7 @@ import pytest
 
 from evalhost.errors import RunError
 from evalhost.plugins.backends.capabilities import probe_prompt_list
-from evalhost.plugins.backends.completions import CompletionsClient
+from evalhost.plugins.backends.completions_client import CompletionsClient
 from evalhost.testing import FakeServer
 
 

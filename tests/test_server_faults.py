@@ -372,7 +372,8 @@ def test_async_request_timeout_is_a_deadline_too(tmp_path):
 
 
 def test_default_request_timeout_is_sized_for_max_tokens(tmp_path):
-    from evalhost.plugins.backends.completions import CompletionsClient, default_request_timeout
+    from evalhost.plugins.backends.completions_client import CompletionsClient
+    from evalhost.plugins.backends.completions_retry import default_request_timeout
 
     assert default_request_timeout(16) == 136.0
     assert default_request_timeout(128) == 248.0

@@ -1,77 +1,26 @@
-"""Shared client for OpenAI-compatible ``/v1/completions`` endpoints, and the base class of the server backends.
+"""The base class of the backends that talk to an OpenAI-compatible ``/v1/completions`` endpoint (``vllm``,
+``vllm-invariant``, ``openai``): options, rendering with the model's chat template, the ``return_token_ids`` probe,
+payloads and the answer's generations, engine metrics.
 
-:class:`CompletionsClient` sends one request (sync with ``httpx.Client`` or async with ``httpx.AsyncClient``) and
-retries, with bounded exponential backoff, on connection errors, timeouts, HTTP 429/5xx and malformed answers
-(wrong number of choices, missing text).  Between attempts it calls a ``recover`` hook: the managed vLLM backend
-uses it to restart a dead or hung server.  A result is returned only when every prompt of the request has a complete
-choice; otherwise :class:`RunError` — never a partial or misordered output.
-
-* **Choices are matched to prompts by their ``index`` only.** In an answer to a multi-prompt request every choice
-  must carry an integer ``index`` in ``[0, n)``, each exactly once; a missing, repeated or out-of-range index (or
-  ``token_ids`` that are not integers) makes the attempt a failure that is retried, never a guess by position. A
-  single-prompt answer may omit ``index`` (there is nothing to confuse).
-* **``request_timeout_s`` is a deadline for the whole request** (connect, wait, and reading the whole body), not a
-  per-read timeout: a server that drips its answer byte by byte is cut off at the deadline. Unset, it is sized for
-  the request's ``max_tokens``: ``DEFAULT_TIMEOUT_BASE_S + DEFAULT_TIMEOUT_PER_TOKEN_S * max_tokens`` seconds
-  (120 s + 1 s per token: 248 s at max_tokens = 128, 4216 s at 4096). Synchronous requests run on one private
-  event loop thread per client, so the same deadline (``asyncio.wait_for``) covers both paths.
-
-The API key (if any) lives only in the ``Authorization`` header of the HTTP client; it is redacted from every
-message this module produces.
+Requests go through :class:`~evalhost.plugins.backends.completions_client.CompletionsClient`, whose retry rules
+(which failures retry, how often, the whole-request deadline of 120 s + 1 s x max_tokens, the server restart) are
+written once in :mod:`evalhost.plugins.backends.completions_retry`.
 """
 from __future__ import annotations
 
-import asyncio
 import math
 import os
 import threading
-import time
 from pathlib import Path
-from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
-from evalhost.api import Backend, Generation, RunError, Sampling, TaskItem, UserError, check_keys, check_type
+from evalhost.api import Backend, Generation, Sampling, TaskItem, UserError, check_keys, check_type
 
-RETRY_STATUS = {408, 429, 500, 502, 503, 504}
-DEFAULT_TIMEOUT_BASE_S = 120.0
-DEFAULT_TIMEOUT_PER_TOKEN_S = 1.0
+from .completions_client import CompletionsClient
+from .completions_retry import Outcome, RequestRejected
+from .completions_retry import Failure  # noqa: F401 - vllm.py imports it from here (until it imports completions_retry)
+
 MAX_REQUEST_TIMEOUT_S = 7 * 24 * 3600.0  # a week: anything longer is a typo
-
-
-def default_request_timeout(max_tokens: Any) -> float:
-    """The deadline of one request when ``request_timeout_s`` is not set: 120 s + 1 s per ``max_tokens`` token (a
-    slow CPU server generating one token per second for every sequence of a batch still finishes)."""
-    tokens = max_tokens if isinstance(max_tokens, int) and not isinstance(max_tokens, bool) and max_tokens > 0 else 16
-    return DEFAULT_TIMEOUT_BASE_S + DEFAULT_TIMEOUT_PER_TOKEN_S * tokens
-
-
-@dataclass
-class Failure:
-    """Why an attempt failed: ``kind`` is ``connect`` | ``timeout`` | ``http`` | ``bad_response`` | ``protocol``."""
-
-    kind: str
-    message: str
-    status: int | None = None
-
-
-@dataclass
-class Outcome:
-    choices: list[dict[str, Any]]
-    attempts: int
-    restarted: bool
-    sent: float
-    finished: float
-    first_sent: float
-    failures: list[str] = field(default_factory=list)
-
-
-class RequestRejected(RunError):
-    """The endpoint answered 4xx (not retryable): the request itself is wrong."""
-
-    def __init__(self, message: str, status: int, body: str) -> None:
-        super().__init__(message)
-        self.status = status
-        self.body = body
 
 
 def check_option_keys(backend: str, options: dict[str, Any], known: dict[str, Any]) -> None:
@@ -85,291 +34,6 @@ def check_option_keys(backend: str, options: dict[str, Any], known: dict[str, An
         if key == "request_timeout_s" and value is not None and not 0 < value <= MAX_REQUEST_TIMEOUT_S:
             raise UserError(f"backend '{backend}' option request_timeout_s must be a number of seconds above 0 and "
                             f"at most {MAX_REQUEST_TIMEOUT_S:g}, not {value!r}; leave it out to size it for max_tokens")
-
-
-class _LoopThread:
-    """One event loop in a daemon thread: the synchronous :meth:`CompletionsClient.complete` runs each attempt on it,
-    so ``asyncio.wait_for`` gives that attempt a deadline for the whole request (httpx's timeouts are per read)."""
-
-    def __init__(self) -> None:
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self._run, name="evalhost-completions-loop", daemon=True)
-        self.thread.start()
-
-    def _run(self) -> None:
-        asyncio.set_event_loop(self.loop)
-        self.loop.run_forever()
-
-    def call(self, coro):
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result()
-
-    def stop(self, client=None) -> None:
-        """Cancel what is still in flight (a caller waiting on it gets an error, never a hang), close ``client``,
-        end the loop."""
-
-        async def shutdown() -> None:
-            tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
-            for task in tasks:
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)  # their callers' futures are settled by now
-            if client is not None and not client.is_closed:
-                await client.aclose()
-
-        try:
-            asyncio.run_coroutine_threadsafe(shutdown(), self.loop).result(timeout=10)
-        except Exception:  # best effort: the loop goes away anyway
-            pass
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(timeout=5)
-        if not self.thread.is_alive():
-            self.loop.close()
-
-
-class CompletionsClient:
-    """POST ``/v1/completions`` with retries. ``recover(failure, incarnation) -> None`` runs before each retry.
-
-    ``request_timeout_s`` is the deadline of one attempt, whole request included; ``None`` sizes it for the
-    payload's ``max_tokens`` (:func:`default_request_timeout`)."""
-
-    def __init__(
-        self,
-        base_url: str,
-        *,
-        api_key: str | None = None,
-        request_timeout_s: float | None = None,
-        max_retries: int = 4,
-        backoff_s: float = 0.5,
-        backoff_max_s: float = 8.0,
-        recover: Callable[[Failure, int], None] | None = None,
-        incarnation: Callable[[], int] | None = None,
-        log: Callable[[str], None] = print,
-    ) -> None:
-        self.base_url = base_url.rstrip("/")
-        if self.base_url.endswith("/v1"):
-            self.base_url = self.base_url[: -len("/v1")]
-        self._api_key = api_key or None
-        self.request_timeout_s = None if request_timeout_s is None else float(request_timeout_s)
-        self.max_retries = int(max_retries)
-        self.backoff_s = float(backoff_s)
-        self.backoff_max_s = float(backoff_max_s)
-        self.recover = recover
-        self.incarnation = incarnation or (lambda: 0)
-        self.log = log
-        self._client = None
-        self._lock = threading.Lock()
-        self._loop_thread: _LoopThread | None = None
-
-    # -- plumbing ----------------------------------------------------------------------------
-    def _headers(self) -> dict[str, str]:
-        headers = {"Content-Type": "application/json"}
-        if self._api_key:
-            headers["Authorization"] = f"Bearer {self._api_key}"
-        return headers
-
-    def deadline_for(self, payload: dict[str, Any]) -> float:
-        """Seconds one attempt of ``payload`` may take, from sending to the last byte of the answer."""
-        if self.request_timeout_s is not None:
-            return self.request_timeout_s
-        return default_request_timeout(payload.get("max_tokens"))
-
-    def _timeout(self):
-        import httpx
-
-        # a per-read bound as well; the deadline of the whole request is asyncio.wait_for's (see _attempt)
-        read = self.request_timeout_s or DEFAULT_TIMEOUT_BASE_S + DEFAULT_TIMEOUT_PER_TOKEN_S * 131072
-        return httpx.Timeout(read, connect=min(10.0, read))
-
-    def redact(self, text: str) -> str:
-        if self._api_key:
-            text = text.replace(self._api_key, "***")
-        return text
-
-    def client(self):
-        import httpx
-
-        with self._lock:
-            if self._client is None:
-                self._client = httpx.Client(headers=self._headers(), timeout=self._timeout(),
-                                            limits=httpx.Limits(keepalive_expiry=KEEPALIVE_EXPIRY_S))
-            return self._client
-
-    def close(self) -> None:
-        with self._lock:
-            if self._client is not None:
-                self._client.close()
-                self._client = None
-            loop_thread, self._loop_thread = self._loop_thread, None
-        if loop_thread is not None:
-            client = self.__dict__.get("_async_clients", {}).pop(id(loop_thread.loop), None)
-            loop_thread.stop(client)
-
-    def get(self, path: str, timeout: float = 10.0):
-        return self.client().get(self.base_url + path, timeout=timeout)
-
-    def _backoff(self, attempt: int) -> float:
-        return min(self.backoff_max_s, self.backoff_s * (2 ** (attempt - 1)))
-
-    @staticmethod
-    def _classify(exc: Exception) -> Failure:
-        import httpx
-
-        if isinstance(exc, httpx.TimeoutException):
-            return Failure("timeout", f"timed out ({type(exc).__name__})")
-        if isinstance(exc, httpx.ConnectError):
-            return Failure("connect", f"connection failed ({exc})")
-        return Failure("protocol", f"{type(exc).__name__}: {exc}")
-
-    def _check(self, response, n: int) -> tuple[list[dict[str, Any]] | None, Failure | None]:
-        status = response.status_code
-        if status >= 400:
-            body = self.redact(response.text[:500])
-            if status in RETRY_STATUS:
-                return None, Failure("http", f"HTTP {status}: {body}", status)
-            raise RequestRejected(
-                f"{self.base_url}/v1/completions rejected the request with HTTP {status}: {body}", status, body
-            )
-        try:
-            data = response.json()
-            choices = data["choices"]
-        except Exception:
-            return None, Failure("bad_response", f"answer is not a completions JSON object: {response.text[:200]!r}")
-        if not isinstance(choices, list):
-            return None, Failure("bad_response", f"'choices' is a {type(choices).__name__}, not a list")
-        by_index: dict[int, dict[str, Any]] = {}
-        for choice in choices:
-            if not isinstance(choice, dict) or not isinstance(choice.get("text"), str):
-                return None, Failure("bad_response", "a choice has no text")
-            problem = _choice_problem(choice)
-            if problem:
-                return None, Failure("bad_response", problem)
-            # matched by index only: a position in the list says nothing (servers answer in completion order)
-            if "index" not in choice and n == 1:
-                index: Any = 0
-            elif "index" not in choice:
-                return None, Failure("bad_response", f"a choice has no 'index' in an answer to {n} prompts; "
-                                                     f"outputs cannot be matched to their prompts")
-            else:
-                index = choice["index"]
-            if not isinstance(index, int) or isinstance(index, bool) or not 0 <= index < n:
-                return None, Failure("bad_response", f"choice index {str(index)[:40]!r} is not an integer in "
-                                                     f"[0, {n})")
-            if index in by_index:
-                return None, Failure("bad_response", f"choice index {index} is repeated")
-            by_index[index] = choice
-        if len(by_index) != n:
-            return None, Failure("bad_response", f"{len(by_index)} choices for {n} prompts")
-        return [by_index[i] for i in range(n)], None
-
-    async def _attempt(self, client, url: str, payload: dict[str, Any], n: int):
-        """One POST and its check, within the deadline for the whole request."""
-        deadline = self.deadline_for(payload)
-        try:
-            response = await asyncio.wait_for(client.post(url, json=payload), deadline)
-        except (asyncio.TimeoutError, TimeoutError):
-            return None, Failure("timeout", f"timed out: no complete answer within the {deadline:g} s deadline "
-                                            f"(request_timeout_s)")
-        return self._check(response, n)
-
-    def _run_sync(self, url: str, payload: dict[str, Any], n: int):
-        with self._lock:
-            if self._loop_thread is None:
-                self._loop_thread = _LoopThread()
-            loop_thread = self._loop_thread
-
-        async def attempt():
-            return await self._attempt(self._async_client(), url, payload, n)
-
-        return loop_thread.call(attempt())
-
-    def _give_up(self, failures: list[str], n: int) -> RunError:
-        return RunError(
-            f"{self.base_url}/v1/completions failed {len(failures)} times for a request of {n} prompt(s) "
-            f"(last: {failures[-1]}); check the server log, or raise max_retries / request_timeout_s"
-        )
-
-    # -- requests ----------------------------------------------------------------------------
-    def complete(self, payload: dict[str, Any], n: int) -> Outcome:
-        """Send ``payload``; return the ``n`` choices ordered by ``index`` (sync)."""
-        url = self.base_url + "/v1/completions"
-        failures: list[str] = []
-        start_inc = self.incarnation()
-        first_sent = time.time()
-        for attempt in range(1, self.max_retries + 2):
-            inc = self.incarnation()
-            sent = time.time()
-            try:
-                choices, failure = self._run_sync(url, payload, n)
-            except RequestRejected:
-                raise
-            except Exception as exc:  # httpx errors and anything the transport raises
-                choices, failure = None, self._classify(exc)
-            if failure is None:
-                return Outcome(choices, attempt, self.incarnation() != start_inc, sent, time.time(), first_sent,
-                               failures)
-            failures.append(self.redact(failure.message))
-            if attempt > self.max_retries:
-                break
-            self.log(f"request to {url} failed ({failures[-1][:200]}); retry {attempt}/{self.max_retries}")
-            if self.recover is not None:
-                self.recover(failure, inc)
-            if self.incarnation() == inc:  # nothing restarted: back off before the next attempt
-                time.sleep(self._backoff(attempt))
-        raise self._give_up(failures, n)
-
-    def _async_client(self):
-        import httpx
-
-        loop = asyncio.get_running_loop()
-        clients = self.__dict__.setdefault("_async_clients", {})
-        client = clients.get(id(loop))
-        if client is None or client.is_closed:
-            limits = httpx.Limits(max_connections=None, max_keepalive_connections=256,
-                                  keepalive_expiry=KEEPALIVE_EXPIRY_S)
-            client = httpx.AsyncClient(headers=self._headers(), timeout=self._timeout(), limits=limits)
-            clients[id(loop)] = client
-        return client
-
-    async def acomplete(self, payload: dict[str, Any], n: int = 1) -> Outcome:
-        """Like :meth:`complete`, with one ``httpx.AsyncClient`` per event loop (reused, so requests released
-        together leave together instead of each paying for a new connection pool)."""
-        url = self.base_url + "/v1/completions"
-        failures: list[str] = []
-        start_inc = self.incarnation()
-        first_sent = time.time()
-        client = self._async_client()
-        for attempt in range(1, self.max_retries + 2):
-            inc = self.incarnation()
-            sent = time.time()
-            try:
-                choices, failure = await self._attempt(client, url, payload, n)
-            except RequestRejected:
-                raise
-            except Exception as exc:
-                choices, failure = None, self._classify(exc)
-            if failure is None:
-                return Outcome(choices, attempt, self.incarnation() != start_inc, sent, time.time(),
-                               first_sent, failures)
-            failures.append(self.redact(failure.message))
-            if attempt > self.max_retries:
-                break
-            self.log(f"request to {url} failed ({failures[-1][:200]}); retry {attempt}/{self.max_retries}")
-            if self.recover is not None:
-                await asyncio.to_thread(self.recover, failure, inc)
-            if self.incarnation() == inc:
-                await asyncio.sleep(self._backoff(attempt))
-        raise self._give_up(failures, n)
-
-
-def _choice_problem(choice: dict[str, Any]) -> str | None:
-    """Why a choice (that has text) cannot be recorded as it is, or None."""
-    token_ids = choice.get("token_ids")
-    if token_ids is not None and not (isinstance(token_ids, list) and all(
-            isinstance(t, int) and not isinstance(t, bool) and 0 <= t < 2 ** 63 for t in token_ids)):
-        return f"a choice's token_ids are not a list of token ids ({str(token_ids)[:60]})"
-    finish = choice.get("finish_reason")
-    if finish is not None and not isinstance(finish, str):
-        return f"a choice's finish_reason is a {type(finish).__name__}, not a string"
-    return None
 
 
 def payload_for(model: str, prompt: str | list[str], sampling: Sampling, return_token_ids: bool) -> dict[str, Any]:
@@ -418,11 +82,6 @@ def parse_top_logprobs(lp: Any, k: int) -> list[list[list[Any]]] | None:
         out.append(entries[:k])
     return out
 
-
-# vLLM's HTTP server closes a connection idle for 5 s (VLLM_HTTP_TIMEOUT_KEEP_ALIVE), which is also httpx's default
-# pool expiry: a request on a connection idle for ~5 s raced the server's close and failed with ReadError (seen once
-# per server start on the H100, and on filler requests). Drop idle connections well before the server does.
-KEEPALIVE_EXPIRY_S = 2.0
 
 # transformers' lazy module imports are not thread-safe: four backends loading their tokenizers at once
 # (`evalhost run --parallel 4` on the H100) made three of them fail, and before the check below they silently

@@ -23,7 +23,8 @@ from typing import Any
 from evalhost.api import CONCURRENT, PROMPT_LIST, hookimpl, UserError
 
 from .capabilities import stable
-from .completions import CompletionsBackend, CompletionsClient, check_option_keys
+from .completions import CompletionsBackend, check_option_keys
+from .completions_client import CompletionsClient
 
 
 class OpenAIBackend(CompletionsBackend):
