@@ -1,8 +1,9 @@
 """Bad-input fuzzing (hypothesis): generated study TOMLs and task files through ``evalhost run STUDY --dry-run``.
 
-Every case must end with exit code 2 (or 0 when the generated input happens to be valid), exactly one line on stderr
-starting with ``error: `` (besides the ``warning:`` lines for plugin problems the registry already knows about), and
-never a traceback. A run directory made by a real toy run stays byte-identical after a ``--resume RUN_DIR`` attempt
+Every generated case is classified before it runs (tests/fuzz_expect.py, written from the documented rules): a
+valid input must exit 0, print a plan and write nothing to stderr; a bad one must exit 2 with exactly one line on
+stderr starting with ``error: `` (besides the ``warning:`` lines for plugin problems the registry already knows
+about). Never a traceback. A run directory made by a real toy run stays byte-identical after a ``--resume RUN_DIR`` attempt
 with a bad study (or a bad task file behind the run's own study).
 
 ``evalhost.cli.main`` runs in process for speed; a timer turns a hang (e.g. a plan that never finishes expanding)
@@ -23,11 +24,12 @@ from contextlib import contextmanager, redirect_stderr, redirect_stdout
 from pathlib import Path
 
 import pytest
-from hypothesis import HealthCheck, event, given, settings
+from hypothesis import HealthCheck, event, given, reject, settings
 from hypothesis import strategies as st
 
 from evalhost import registry as reg_mod
 from evalhost.cli import main
+from fuzz_expect import Unclassified, items_scorer_problem, study_problem, task_file_problem
 from toy import make_distribution, study_text, write_tasks
 
 CALL_LIMIT_S = 60  # one dry run of a small study takes milliseconds; this only turns a real hang into a failure
@@ -85,13 +87,16 @@ def _known_warnings() -> set[str]:
     return {f"warning: {p}" for p in reg_mod.get_registry().problems}
 
 
-def check_outcome(argv: list[str], what: str, allow_ok: bool = True) -> int:
+def check_outcome(argv: list[str], what: str, expect_ok: bool = False) -> int:
+    """Run ``evalhost ARGV``; a valid input (``expect_ok``) must exit 0 with a plan and a clean stderr, a bad one
+    exit 2 with one ``error:`` sentence. Returns the exit code."""
     code, out, err = run_cli(argv)
     lines = [line for line in err.splitlines() if line not in _known_warnings()]
     _event(f"exit {code}" + (f": {lines[0].split(': ')[-1][:40]}" if code and lines else ""))
     context = f"\n--- input ---\n{what}\n--- exit {code}; stderr ---\n{err}--- stdout ---\n{out[-2000:]}"
     assert "Traceback" not in err and "Traceback" not in out, "a traceback reached the user" + context
-    if code == 0 and allow_ok:
+    if expect_ok:
+        assert code == 0, f"exit code {code}, expected 0 (the input is valid)" + context
         assert lines == [], "a successful dry run wrote to stderr" + context
         assert "generations" in out, "a successful dry run printed no plan" + context
         return code
@@ -414,18 +419,30 @@ def task_file_cases(draw, always_bad: bool = False) -> bytes:
 
 
 # ------------------------------------------------------------------------------------------------ tests
+def _classified(problem) -> str | None:
+    """The classification of a generated case (None: valid); a case the rules cannot decide is discarded."""
+    try:
+        why = problem()
+    except Unclassified as exc:
+        _event(f"unclassified: {exc}")
+        reject()
+    _event("classified valid" if why is None else "classified bad")
+    return why
+
+
 @FUZZ
 @given(data=st.data())
-def test_generated_study_files_exit_2_with_one_error_line(world, data):
+def test_generated_study_files_exit_0_when_valid_else_2_with_one_error_line(world, data):
     text = data.draw(study_text_cases(base_study(world)))
     path = scratch_file(world, ".toml")
     path.write_text(text, encoding="utf-8")
-    check_outcome(["run", str(path), "--dry-run"], text)
+    why = _classified(lambda: study_problem(text, reg_mod.get_registry(), path.parent))
+    check_outcome(["run", str(path), "--dry-run"], f"{text}\n(classified: {why or 'valid'})", expect_ok=why is None)
 
 
 @FUZZ
 @given(data=st.data())
-def test_generated_task_files_exit_2_with_one_error_line(world, data):
+def test_generated_task_files_exit_0_when_valid_else_2_with_one_error_line(world, data):
     content = data.draw(task_file_cases())
     scheme = data.draw(st.sampled_from(["jsonl", "jsonl", "jsonl", "csv"]))
     tasks = scratch_file(world, "." + scheme)
@@ -436,7 +453,45 @@ def test_generated_task_files_exit_2_with_one_error_line(world, data):
         del study["tasks"][0]["scorer"]  # the items' own scorer fields decide
     path = scratch_file(world, ".toml")
     path.write_text(to_toml(study), encoding="utf-8")
-    check_outcome(["run", str(path), "--dry-run"], f"{scheme} task file bytes: {content!r}")
+
+    def problem():
+        why, items = task_file_problem(content, scheme)
+        return why or items_scorer_problem(items, study["tasks"][0].get("scorer"), reg_mod.get_registry(), {})
+
+    why = _classified(problem)
+    check_outcome(["run", str(path), "--dry-run"], f"{scheme} task file bytes: {content!r}\n"
+                  f"(classified: {why or 'valid'})", expect_ok=why is None)
+
+
+def test_the_fuzz_classification_knows_both_outcomes(world):
+    """The classifier is not trivially 'bad': the unmutated bases and a valid task file are valid to it, and a
+    few plainly bad inputs are bad."""
+    registry = reg_mod.get_registry()
+    for base in (base_study(world), toy_base(world)):
+        assert study_problem(to_toml(base), registry, world["root"]) is None
+    assert study_problem(to_toml({**base_study(world), "nmae": 1}), registry, world["root"])
+    good = world["tasks"].read_bytes()
+    assert task_file_problem(good, "jsonl")[0] is None
+    assert task_file_problem(good + good, "jsonl")[0] == "repeated id"
+    assert task_file_problem(b"\xef\xbb\xbf" + good.replace(b"\n", b"\r\n"), "jsonl")[0] is None
+    assert task_file_problem(b"\n \n", "jsonl")[0] == "no items"
+
+
+@pytest.mark.parametrize("sep", ["\u2028", "\u2029", "\x85"], ids=ascii)
+def test_a_unicode_line_break_inside_a_json_string_is_text(world, sep):
+    """JSON Lines ends a line at \\n only: U+2028, U+2029 or NEL written raw inside a JSON string (JSON allows them
+    unescaped) is part of the string, not a line break (the classified fuzzer found an item with NEL in its
+    metadata refused as 'not valid JSON')."""
+    tasks = scratch_file(world, ".jsonl")
+    item = {"id": "a", "prompt": f"one{sep}two", "domain": "safety", "metadata": {"note": sep}}
+    tasks.write_text(json.dumps(item, ensure_ascii=False) + "\n", encoding="utf-8")
+    study = base_study(world)
+    study["tasks"][0]["source"] = f"jsonl:{tasks}"
+    path = scratch_file(world, ".toml")
+    path.write_text(to_toml(study), encoding="utf-8")
+    check_outcome(["run", str(path), "--dry-run"], f"task file with {sep!r} in a string", expect_ok=True)
+    [loaded] = reg_mod.get_registry().get("task_source", "jsonl")().load(str(tasks), {"task": "t"})
+    assert loaded.prompt == f"one{sep}two" and loaded.metadata == {"note": sep}
 
 
 def test_the_unmutated_fuzz_bases_are_valid(world):
@@ -444,7 +499,7 @@ def test_the_unmutated_fuzz_bases_are_valid(world):
     for base in (base_study(world), toy_base(world)):
         path = scratch_file(world, ".toml")
         path.write_text(to_toml(base), encoding="utf-8")
-        assert check_outcome(["run", str(path), "--dry-run"], to_toml(base)) == 0
+        assert check_outcome(["run", str(path), "--dry-run"], to_toml(base), expect_ok=True) == 0
 
 
 def _tree_hash(root: Path) -> dict[str, str]:
@@ -474,7 +529,7 @@ def test_bad_resume_leaves_the_run_directory_byte_identical(world, data):
     try:
         if how != "bad study":
             world["toy_tasks"].write_bytes(content)
-        check_outcome(["run", str(path), "--quiet", "--no-report", "--resume", str(run_dir)], what, allow_ok=False)
+        check_outcome(["run", str(path), "--quiet", "--no-report", "--resume", str(run_dir)], what)
     finally:
         world["toy_tasks"].write_bytes(original_tasks)
     assert _tree_hash(run_dir) == before, f"a failed --resume changed the run directory\n{what}"
@@ -501,17 +556,17 @@ def test_known_bad_studies(world, case):
     _set(study, tuple(where), value)
     path = scratch_file(world, ".toml")
     path.write_text(to_toml(study), encoding="utf-8")
-    assert check_outcome(["run", str(path), "--dry-run"], f"{case}\n{to_toml(study)}", allow_ok=False) == 2
+    assert check_outcome(["run", str(path), "--dry-run"], f"{case}\n{to_toml(study)}") == 2
 
 
 def test_study_file_that_is_not_utf8_or_missing(world):
     path = scratch_file(world, ".toml")
     path.write_bytes(to_toml(base_study(world)).encode() + b"# \xff\xfe\n")
-    check_outcome(["run", str(path), "--dry-run"], "non-UTF-8 study", allow_ok=False)
-    check_outcome(["run", str(world["root"] / "no-such-study.toml"), "--dry-run"], "missing study", allow_ok=False)
+    check_outcome(["run", str(path), "--dry-run"], "non-UTF-8 study")
+    check_outcome(["run", str(world["root"] / "no-such-study.toml"), "--dry-run"], "missing study")
     empty = scratch_file(world, ".toml")
     empty.write_bytes(b"")
-    check_outcome(["run", str(empty), "--dry-run"], "empty study", allow_ok=False)
+    check_outcome(["run", str(empty), "--dry-run"], "empty study")
 
 
 # ------------------------------------------------------------------------------------------------ issue 18

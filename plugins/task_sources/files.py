@@ -67,7 +67,7 @@ def _decode(data: bytes, name: str) -> str:
 def parse_jsonl(text: str, name: str, options: dict[str, Any]) -> list[TaskItem]:
     task, domain, scorer = check_options(options, name)
     items, wheres = [], []
-    for number, line in enumerate(text.splitlines(), start=1):
+    for number, line in enumerate(text.split("\n"), start=1):  # not splitlines(): JSON strings may hold U+2028
         if not line.strip():
             continue
         where = f"{name}:{number}"
