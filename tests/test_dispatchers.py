@@ -145,10 +145,26 @@ def test_bad_options_are_one_clear_sentence(name, options, match):
 
 
 def test_good_options_pass():
-    REGISTRY.get("dispatcher", "continuous").check_options(
-        {"fillers": "builtin:benign", "occupancy": 3, "phase": "prefill", "delay_s": 0.5, "filler_max_tokens": 16,
-         "arm": "benign-short", "metrics": False})
-    REGISTRY.get("dispatcher", "synchronized").check_options({"metrics": True, "metrics_interval_s": 0.1})
+    """Every documented option, well typed and at its lower bound where it has one, is accepted as given (nothing
+    rewritten), the dispatcher is built with it, and the same table with one more, misspelled key is refused (so
+    the check really reads these tables)."""
+    good = {
+        "continuous": {"fillers": "builtin:benign", "occupancy": 1, "phase": "prefill", "delay_s": 0.0,
+                       "filler_max_tokens": 1, "arm": "benign-short", "metrics": False, "metrics_interval_s": 0.01,
+                       "targets": 2, "batch_size": 1},
+        "synchronized": {"metrics": True, "metrics_interval_s": 0.01},
+        "prompt_list": {},
+        "solo": {},
+    }
+    for name, options in good.items():
+        cls = REGISTRY.get("dispatcher", name)
+        given = dict(options)
+        assert cls.check_options(given) is None
+        assert given == options
+        assert dispatcher(name, dict(options)).options == options
+        with pytest.raises(UserError, match=f"dispatcher '{name}' has no option 'metricz'"):
+            cls.check_options({**options, "metricz": True})
+    assert REGISTRY.get("dispatcher", "continuous").group_size_for(good["continuous"]) == 2  # 'targets' per group
 
 
 def test_solo_sends_each_member_alone_in_member_order():
