@@ -48,6 +48,7 @@ def test_options_checked_with_did_you_mean():
                                "env": {"VLLM_X": "1"}, "gpu_memory_utilization": 0.3})
 
 
+@pytest.mark.cpu_only
 def test_server_args_defaults_on_cpu(small_model, tmp_path):
     backend = VLLMBackend(small_model, {"attention_backend": "TRITON_ATTN", "extra_args": ["--enforce-eager"]},
                           ctx(tmp_path))
@@ -91,6 +92,7 @@ def test_port_in_use_is_a_user_error_without_starting_vllm(small_model, tmp_path
         assert backend.server is None
 
 
+@pytest.mark.cpu_only
 def test_invariant_refused_on_cpu_before_any_server(small_model, tmp_path):
     backend = VLLMInvariantBackend(small_model, {}, ctx(tmp_path))
     t0 = time.monotonic()
