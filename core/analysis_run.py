@@ -145,6 +145,7 @@ def summarize_records(source: Source, adjudications: Mapping[str, str] | None = 
                       flip_on: str = "label", full: bool = True) -> RunSummary:
     """The summary of the records of ``source`` (see the module docstring); ``full=False`` stops at the core
     summary (``evalhost.analysis.summarize``'s keys)."""
+    from .analysis_screen import ScreenTally
     from .validate import _PromptsAcross
 
     check_flip_on(flip_on)
@@ -154,6 +155,7 @@ def summarize_records(source: Source, adjudications: Mapping[str, str] | None = 
         out, tally, prompts = RunSummary(), Tally(flip_on, adjudications), _PromptsAcross()
         dedupe = _Dedupe(suspects)
         solos = SoloIndex()
+        screen = ScreenTally()  # the fragility screen (evalhost.analysis_screen)
         wanted_bases: set = set()
         align: dict[str, Any] = {}
         fps: set = set()
@@ -180,6 +182,7 @@ def summarize_records(source: Source, adjudications: Mapping[str, str] | None = 
                 continue
             tally.record(r)
             solos.add(r)
+            screen.solo(r)
             if r["repeat"] != 0:
                 wanted_bases.add(hash(_repeat_key(r)))
         if suspects is not None:
@@ -229,6 +232,7 @@ def summarize_records(source: Source, adjudications: Mapping[str, str] | None = 
             continue
         p = make_pair(expand(solo), r, flip_on)
         tally.pair(p)
+        screen.pair(p)
         if not full:
             continue
         if len(models) >= 2:
@@ -280,6 +284,8 @@ def summarize_records(source: Source, adjudications: Mapping[str, str] | None = 
 
     summary["margins"] = margins(out.changed_records, out.changed_pairs)
     summary["margins"]["recorded"] = recorded  # over every record, not only the changed pairs'
+    if recorded:
+        summary["screen"] = screen.result()
     summary["study_d"] = [compare_backends((), a, b, pairs=slims, flip_on=flip_mode)
                           for a, b, _ in comparable_backends((), slims)] if several_backends else []
     if len(summary["counts"]["models"]) >= 2:

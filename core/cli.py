@@ -36,8 +36,11 @@ def cli() -> None:
 @click.option("--no-report", is_flag=True, help="Do not write report.md at the end.")
 @click.option("--quiet", is_flag=True, help="No progress bar (on a terminal) or progress lines (otherwise).")
 @click.option("--no-solo-cache", is_flag=True, help="Always generate solo baselines (do not reuse cached ones).")
+@click.option("--screen", "screen_k", type=int, default=None, metavar="K",
+              help="Solo screening pass with top-k logprobs first, then batch-test only the K most fragile items "
+                   "per task (evalhost.screen).")
 def run(study, dry_run, resume, executor, address, parallel, target_mde, baseline, limit, no_report, quiet,
-        no_solo_cache):
+        no_solo_cache, screen_k):
     """Run STUDY (a TOML file); records go to a new run directory."""
     import os
 
@@ -55,8 +58,14 @@ def run(study, dry_run, resume, executor, address, parallel, target_mde, baselin
                             f"backend configurations itself (drop --parallel)")
         opts["parallel"] = parallel
     n = None if target_mde is None else _mde_items(target_mde, baseline)  # refused before anything runs
-    run_file(study, resume=resume, executor=executor, executor_options=opts, dry_run=dry_run,
-             progress=not quiet, report=not no_report, out=click.echo, limit=limit)
+    if screen_k is not None:
+        from .screen import run_screened
+
+        run_screened(study, screen_k, resume=resume, dry_run=dry_run, limit=limit, executor=executor,
+                     executor_options=opts, progress=not quiet, report=not no_report, out=click.echo)
+    else:
+        run_file(study, resume=resume, executor=executor, executor_options=opts, dry_run=dry_run,
+                 progress=not quiet, report=not no_report, out=click.echo, limit=limit)
     if target_mde is not None:
         base = "the worst-case baseline (an upper bound)" if baseline is None else f"a {baseline:g}% baseline"
         click.echo(f"to detect a {target_mde:g} pp difference between two composition arms over {base} "

@@ -17,6 +17,7 @@ from typing import Any, Callable, Mapping, Sequence
 from . import analysis as an
 from . import report_studies, report_study_d
 from .analysis_margins import margins as margins_summary, section as margins_section
+from .analysis_screen import section as screen_section
 from .errors import UserError
 from .report_format import (_cell, _nan, compact as _compact, json_safe as _json_safe, num, pct,  # noqa: F401
                             not_comparable_text, pval, rate_ci, table)
@@ -239,7 +240,8 @@ def _render(run_dir: Path, manifest: Mapping[str, Any], summary: Mapping[str, An
     else:
         parts.append("## Headline: batch vs solo\n\nNo batch record has its solo record (same model, backend, task, "
                      "item, repeat 0) yet, so there are no pairs to compare; run or resume the study's solo cells.")
-    parts += [s for s in [margins_section(summary.get("margins"))] if s]
+    parts += [s for s in [margins_section(summary.get("margins")),
+                          screen_section(summary.get("screen"), manifest.get("screen"))] if s]
     parts += report_study_d.section(summary["study_d"], made, summary.get("flip_on") or "label")
     if "study_b" in summary:
         parts.append(report_studies.study_b(summary["study_b"], made))
