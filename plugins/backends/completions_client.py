@@ -21,10 +21,11 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
+from contextlib import closing
 from typing import Any, Callable, Generator
 
 from .completions_retry import (DEFAULT_TIMEOUT_BASE_S, DEFAULT_TIMEOUT_PER_TOKEN_S, Failure, Outcome, Recover,
-                                RetryPolicy, Send, Step, request_steps)
+                                RetryPolicy, Send, Step, Steps, request_steps)
 
 # vLLM's HTTP server closes a connection idle for 5 s (VLLM_HTTP_TIMEOUT_KEEP_ALIVE), which is also httpx's default
 # pool expiry: a request on a connection idle for ~5 s raced the server's close and failed with ReadError (seen once
@@ -196,40 +197,26 @@ class CompletionsClient:
     def complete(self, payload: dict[str, Any], n: int) -> Outcome:
         """Send ``payload``; return the ``n`` choices ordered by ``index`` (sync shell)."""
         url = self.base_url + "/v1/completions"
-        steps, result = self._steps(payload, n, url), None
-        try:
-            while True:
-                try:
-                    step = steps.send(result)
-                except StopIteration as done:
-                    return done.value
-                result = None
+        with closing(Steps(self._steps(payload, n, url))) as steps:
+            for step in steps:
                 if isinstance(step, Send):
-                    result = self._send_sync(url, payload, step.deadline)
+                    steps.result = self._send_sync(url, payload, step.deadline)
                 elif isinstance(step, Recover):
                     self.recover(step.failure, step.incarnation)
                 else:
                     time.sleep(step.seconds)
-        finally:
-            steps.close()
+            return steps.outcome
 
     async def acomplete(self, payload: dict[str, Any], n: int = 1) -> Outcome:
         """Like :meth:`complete` (async shell), with this event loop's ``httpx.AsyncClient``."""
         url = self.base_url + "/v1/completions"
         client = self._async_client()
-        steps, result = self._steps(payload, n, url), None
-        try:
-            while True:
-                try:
-                    step = steps.send(result)
-                except StopIteration as done:
-                    return done.value
-                result = None
+        with closing(Steps(self._steps(payload, n, url))) as steps:
+            for step in steps:
                 if isinstance(step, Send):
-                    result = await self._post(client, url, payload, step.deadline)
+                    steps.result = await self._post(client, url, payload, step.deadline)
                 elif isinstance(step, Recover):
                     await asyncio.to_thread(self.recover, step.failure, step.incarnation)
                 else:
                     await asyncio.sleep(step.seconds)
-        finally:
-            steps.close()
+            return steps.outcome

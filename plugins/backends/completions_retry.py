@@ -146,6 +146,31 @@ def request_steps(policy: RetryPolicy, payload: dict[str, Any], n: int, *, url: 
     )
 
 
+class Steps:
+    """Iterate over the steps of :func:`request_steps`: set :attr:`result` to what a :class:`Send` gave before
+    asking for the next step; at the end :attr:`outcome` holds the Outcome (an error raised by the core goes out of
+    the iteration). Closing it closes the core."""
+
+    def __init__(self, steps: Generator[Step, Any, Outcome]) -> None:
+        self._steps = steps
+        self.result: Any = None
+        self.outcome: Outcome | None = None
+
+    def __iter__(self) -> "Steps":
+        return self
+
+    def __next__(self) -> Step:
+        result, self.result = self.result, None
+        try:
+            return self._steps.send(result)
+        except StopIteration as done:
+            self.outcome = done.value
+            raise StopIteration from None
+
+    def close(self) -> None:
+        self._steps.close()
+
+
 def judge(result: Any, n: int, url: str, deadline: float,
           redact: Callable[[str], str]) -> tuple[list[dict[str, Any]] | None, Failure | None]:
     """(the ``n`` choices in prompt order, None) for a good answer, (None, why) for an attempt to retry; raises
