@@ -132,6 +132,10 @@ def load_task(spec: TaskSpec, registry: Registry, base_dir: Path | None = None) 
         if item.domain not in DOMAINS:
             raise UserError(f"task '{spec.name}' item '{item.id}' has domain '{item.domain}'; "
                             f"use one of {', '.join(DOMAINS)} (or set domain in the study's [[tasks]])")
+        members = item.metadata.get("group_members")  # an explicit group: only the candidates source makes one
+        if members and not (isinstance(members, tuple) and all(isinstance(m, TaskItem) for m in members)):
+            raise UserError(f"task '{spec.name}' item '{str(item.id)[:60]}' has metadata 'group_members', which is "
+                            f"reserved for the groups the candidates source rebuilds; rename that metadata key")
     if spec.limit:
         items = items[: spec.limit]
     return items

@@ -130,6 +130,8 @@ def item_problem(raw: Any, task_domain: str | None) -> str | None:
     metadata = raw.get("metadata")
     if metadata and not isinstance(metadata, dict):
         return "metadata is not an object"
+    if metadata and metadata.get("group_members"):
+        return "metadata group_members is reserved for the candidates source"
     return None
 
 

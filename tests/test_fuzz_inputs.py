@@ -375,7 +375,7 @@ def task_file_cases(draw, always_bad: bool = False) -> bytes:
     kinds = ["missing", "unknown field", "duplicate id", "bad json", "non-utf8", "empty", "whitespace",
              "json scalars", "truncated"]  # each of these is bad whatever else is drawn
     if not always_bad:
-        kinds += ["wrong type", "random bytes", "valid", "bom crlf", "random field values"]
+        kinds += ["wrong type", "random bytes", "valid", "bom crlf", "random field values", "reserved metadata"]
     kind = draw(st.sampled_from(kinds))
     if kind == "missing":
         field = draw(st.sampled_from(["id", "prompt", "domain"]))
@@ -391,6 +391,10 @@ def task_file_cases(draw, always_bad: bool = False) -> bytes:
         items.append(dict(items[0]))
     elif kind == "random field values":
         items[0] = {draw(st.sampled_from(ITEM_FIELDS)): draw(json_values) for _ in range(draw(st.integers(0, 5)))}
+    elif kind == "reserved metadata":  # what only the candidates source may set: bad unless empty
+        items[draw(st.integers(0, len(items) - 1))]["metadata"] = {
+            "group_members": draw(st.one_of(json_values, st.just([f"it-{i}" for i in range(len(items))]))),
+            "position": draw(json_values)}
     lines = [json.dumps(x, ensure_ascii=draw(st.booleans())) for x in items]
     if kind == "json scalars":
         lines.insert(draw(st.integers(0, len(lines))), json.dumps(draw(st.one_of(
@@ -774,6 +778,27 @@ def test_task_files_that_no_record_could_hold_are_refused_before_the_run_directo
     path = _write_study(world, study)
     message = _refused(world, ["run", str(path), "--quiet", "--no-report"], case, needle)
     assert ".jsonl:1:" in message
+    assert not (tmp_path / "runs").exists() or not list((tmp_path / "runs").iterdir())
+
+
+@pytest.mark.parametrize("members", [5, ["q001", "q002"], {"a": 1}, "q001", []], ids=repr)
+def test_item_metadata_group_members_is_reserved(world, members, tmp_path):
+    """An explicit group (metadata ``group_members``) is what the candidates source rebuilds from its rows. Written
+    in a task file it crashed the plan (a number: a TypeError traceback) or planned a group of bare strings that no
+    backend can render; now it is one sentence before the run directory exists. An empty value stays plain
+    metadata."""
+    items = [{"id": f"q{i:03d}", "prompt": f"Say {i}.", "domain": "safety"} for i in range(3)]
+    items[0]["metadata"] = {"group_members": members, "position": 0}
+    data = "".join(json.dumps(it) + "\n" for it in items).encode()
+    study = toy_base(world)
+    study["tasks"][0]["source"] = f"jsonl:{_write_task_bytes(world, data)}"
+    study["study"]["output_dir"] = str(tmp_path / "runs")
+    path = _write_study(world, study)
+    if not members:
+        check_outcome(["run", str(path), "--dry-run"], "empty group_members", expect_ok=True)
+        return
+    message = _refused(world, ["run", str(path), "--quiet", "--no-report"], repr(members), "reserved")
+    assert "item 'q000' has metadata 'group_members'" in message
     assert not (tmp_path / "runs").exists() or not list((tmp_path / "runs").iterdir())
 
 
