@@ -74,3 +74,17 @@ def test_register_module_nesting_unwinds_after_an_error(fresh_registry):
     with register_module(c):
         names = _scorers()
         assert "helper_c" in names and not {"helper_a", "helper_b"} & names
+
+
+def test_run_study_in_registers_every_plugin_it_is_given(tmp_path, fresh_registry):
+    """``plugins=[backend module, scorer module]``: the study uses a backend from one and a scorer from the other
+    (each registration used to replace the one before, so the first module's names were unknown)."""
+    from evalhost.testing import run_study_in
+    from toy import evalhost_toy, study_text, write_tasks
+
+    tasks = write_tasks(tmp_path / "tasks.jsonl", 4)
+    text = study_text(tasks, tmp_path / "runs", (2,)).replace('scorer = "toy_refusal"', 'scorer = "helper_a"')
+    records = run_study_in(tmp_path, text, plugins=[evalhost_toy, _scorer_module("helper_plugin_a", "helper_a")])
+    assert len(records) == 8 and {r["condition"] for r in records} == {"solo", "batch"}
+    assert {r["label"] for r in records} == {"helper_a"}  # the second module's scorer labelled every output
+    assert records.manifest["status"] == "complete"
