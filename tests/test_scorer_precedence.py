@@ -15,6 +15,7 @@ from evalhost.registry import get_registry
 from evalhost.solo_cache import plugins_in_use
 from evalhost.study import BackendConfig, DispatcherConfig, TaskSpec, parse_study
 from evalhost.types import ModelSpec, TaskItem
+from toy import study_text
 
 OPTS = {"extra_refusal_phrases": ["sure"]}
 
@@ -52,31 +53,19 @@ def _mixed_tasks(tmp_path: Path) -> Path:
     return path
 
 
-def _study(tmp_path: Path, task_lines: str) -> str:
-    return f"""
-[study]
-name = "precedence"
-output_dir = "{tmp_path / 'runs'}"
-[[models]]
-name = "m"
-path = "none"
-[[backends]]
-name = "hf"
-[[dispatchers]]
-name = "prompt_list"
-batch_sizes = [2]
-[[tasks]]
-name = "mixed"
-source = "jsonl:{_mixed_tasks(tmp_path)}"
-{task_lines}
-"""
+def _study(tmp_path: Path, task_lines: str, tasks: Path | None = None) -> str:
+    """The toy study (toy backend, prompt_list) over ``tasks`` (default: the mixed file), with ``task_lines`` in
+    place of the task's scorer line."""
+    text = study_text(tasks or _mixed_tasks(tmp_path), tmp_path / "runs", (2,))
+    assert 'scorer = "toy_refusal"\n' in text
+    return text.replace('scorer = "toy_refusal"\n', task_lines + "\n")
 
 
 @pytest.mark.parametrize("task_lines, want", [
     ("", {"scorer:mcq", "scorer:refusal"}),          # each item its own scorer
     ('scorer = "refusal"', {"scorer:refusal"}),      # the task's scorer scores the mcq item too
 ])
-def test_plan_and_fingerprint_name_the_scorers_the_rule_picks(tmp_path, task_lines, want):
+def test_plan_and_fingerprint_name_the_scorers_the_rule_picks(tmp_path, toy_env, task_lines, want):
     registry = get_registry()
     plan = build_plan(parse_study(_study(tmp_path, task_lines)), registry)
     (work,) = plan.works
@@ -84,7 +73,7 @@ def test_plan_and_fingerprint_name_the_scorers_the_rule_picks(tmp_path, task_lin
     assert named == want
 
 
-def test_the_plan_checks_an_items_scorer_with_the_tasks_options(tmp_path):
+def test_the_plan_checks_an_items_scorer_with_the_tasks_options(tmp_path, toy_env):
     """With no task scorer, ``scorer_options`` go to each item's scorer: mcq takes none, so the plan refuses."""
     study = parse_study(_study(tmp_path, "scorer_options = { extra_refusal_phrases = [\"sure\"] }"))
     with pytest.raises(UserError, match=r"scorer 'mcq' has no option 'extra_refusal_phrases'"):
@@ -107,26 +96,13 @@ def test_a_fillers_scorer_is_not_in_use(tmp_path):
 
 
 def _toy_study(tmp_path: Path) -> Path:
-    """Solo only, the task names no scorer, each item names ``refusal``; the task's scorer_options make the toy
-    backend's "Sure: ..." a refusal."""
+    """The task names no scorer, each item names ``refusal``; the task's scorer_options make the toy backend's
+    "Sure: ..." a refusal."""
     tasks = tmp_path / "tasks.jsonl"
     tasks.write_text("".join(json.dumps({"id": f"q{i}", "prompt": f"Question {i}", "domain": "safety",
                                          "scorer": "refusal"}) + "\n" for i in range(3)))
     path = tmp_path / "study.toml"
-    path.write_text(f"""
-[study]
-name = "toy_precedence"
-output_dir = "{tmp_path / 'runs'}"
-[[models]]
-name = "toy-model"
-path = "none"
-[[backends]]
-name = "toy"
-[[tasks]]
-name = "toyset"
-source = "jsonl:{tasks}"
-scorer_options = {{ extra_refusal_phrases = ["sure"] }}
-""")
+    path.write_text(_study(tmp_path, 'scorer_options = { extra_refusal_phrases = ["sure"] }', tasks))
     return path
 
 
@@ -141,14 +117,17 @@ def test_rescore_with_the_scorer_the_run_used_keeps_the_tasks_options(tmp_path, 
     monkeypatch.setenv("EVALHOST_SOLO_CACHE", "0")
     run_dir = run_file(_toy_study(tmp_path), progress=False, report=False, out=lambda s: None)
     records = read_records(run_dir / "records.jsonl")
-    assert len(records) == 3 and {(r["scorer"], r["label"]) for r in records} == {("refusal", "refuse")}
+    sure = {r["key"] for r in records if r["output_text"].startswith("Sure")}  # all solo outputs, most batch ones
+    assert len(records) == 6 and len(sure) >= 3
+    assert {(r["scorer"], r["label"]) for r in records} == {("refusal", "refuse")}  # "sure" is a refusal phrase
     manifest = json.loads((run_dir / "manifest.json").read_text())
     (fp,) = manifest["fingerprints"].values()
     assert {k for k in fp["plugins"] if k.startswith("scorer:")} == {"scorer:refusal"}
 
     result = rescore_run(run_dir, scorer="refusal", report=False)
-    assert (result["records"], result["changed"]) == (3, 0)
+    assert (result["records"], result["changed"]) == (6, 0)
     # another scorer named by the override gets no options: toy_refusal labels "Sure: ..." as compliance
     result = rescore_run(run_dir, scorer="toy_refusal", report=False)
-    assert result["changed"] == 3
-    assert {(r["scorer"], r["label"]) for r in read_records(run_dir / "records.jsonl")} == {("toy_refusal", "comply")}
+    assert result["changed"] == 6
+    after = read_records(run_dir / "records.jsonl")
+    assert {(r["scorer"], r["label"]) for r in after if r["key"] in sure} == {("toy_refusal", "comply")}
