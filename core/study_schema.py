@@ -79,6 +79,11 @@ def _batch_sizes(v):
     for b in v:
         if not isinstance(b, int) or isinstance(b, bool) or not 1 <= b <= MAX_BATCH:
             return f"must hold integers between 1 and {MAX_BATCH} (got {b!r})"
+    seen: set[int] = set()
+    for b in v:  # one batch size is one cell: listed twice, the plan counted its groups twice
+        if b in seen:
+            return f"lists batch size {b} twice; each batch size is one cell, so list it once"
+        seen.add(b)
     return None
 
 

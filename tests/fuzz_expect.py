@@ -220,8 +220,8 @@ def _study_name(v):
     return 0 < len(v) <= MAX_NAME and v not in (".", "..") and set(v) <= NAME_CHARS
 
 
-def _batch_sizes(v):
-    return bool(v) and all(_is_int(b) and 1 <= b <= MAX_BATCH for b in v)
+def _batch_sizes(v):  # each batch size is one cell, so it is listed once
+    return bool(v) and all(_is_int(b) and 1 <= b <= MAX_BATCH for b in v) and len(set(v)) == len(v)
 
 
 def _repeats(v):

@@ -550,6 +550,8 @@ KNOWN_BAD = {
     "NaN temperature": ("sampling", "temperature", float("nan")),
     "negative batch size": ("dispatchers", 0, "batch_sizes", [4, -2]),
     "batch size of 2**63-1": ("dispatchers", 0, "batch_sizes", [2 ** 63 - 1]),
+    # listed twice, a batch size planned its cell's groups twice (12 generations planned for 8 records)
+    "a batch size listed twice": ("dispatchers", 0, "batch_sizes", [4, 2, 4]),
 }
 
 
