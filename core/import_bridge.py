@@ -155,6 +155,10 @@ def write_pair_run(solo: dict[str, Side], batch: dict[str, Side], run_dir: str |
     if not set(solo) & set(batch):
         raise UserError(f"{files[0].name} and {files[1].name} share no sample id; pass two runs of the same task "
                         f"(the solo run first, then the batch run)")
+    for rid in ids:
+        if "#" in rid or not rid.strip():
+            raise UserError(f"sample id {rid[:60]!r} ({(solo.get(rid) or batch[rid]).where}) is empty or contains "
+                            f"'#', which evalhost record keys use as a separator; give the samples plain ids")
     rows = [_row(rid, solo.get(rid), batch.get(rid), info) for rid in ids]
     checked = check_rows(f"{files[0].name}+{files[1].name}", [(n, r) for n, r in enumerate(rows, 1)])
     sources = f"{files[0].name} + {files[1].name}"

@@ -149,9 +149,13 @@ def _facts(results: dict[str, Any]) -> dict[str, Any]:
     keep = ("lm_eval_version", "transformers_version", "model_name", "model_source", "git_hash", "date",
             "upper_git_hash", "chat_template_sha", "system_instruction_sha", "fewshot_as_multiturn")
     facts = {k: results[k] for k in keep if isinstance(results.get(k), (str, int, float, bool))}
-    facts.update({f"config.{k}": v for k, v in cfg.items() if isinstance(v, (str, int, float, bool))
-                  and k in ("model", "model_args", "batch_size", "device", "random_seed", "numpy_seed",
-                            "torch_seed", "fewshot_seed", "limit")})
+    for k, v in cfg.items():
+        if k in ("model", "model_args", "model_dtype", "batch_size", "device", "random_seed", "numpy_seed",
+                 "torch_seed", "fewshot_seed", "limit", "gen_kwargs"):
+            if isinstance(v, dict):  # lm-eval 0.4.9+ logs model_args as a dict
+                facts.update({f"config.{k}.{a}": b for a, b in v.items() if isinstance(b, (str, int, float, bool))})
+            elif isinstance(v, (str, int, float, bool)):
+                facts[f"config.{k}"] = v
     return facts
 
 
@@ -168,8 +172,11 @@ def _model(results: dict[str, Any]) -> str | None:
     if not isinstance(name, str) or not name.strip():
         cfg = results.get("config") if isinstance(results.get("config"), dict) else {}
         args = cfg.get("model_args")
-        m = re.search(r"pretrained=([^,]+)", args) if isinstance(args, str) else None
-        name = m.group(1) if m else None
+        if isinstance(args, dict):
+            name = args.get("pretrained") if isinstance(args.get("pretrained"), str) else None
+        else:
+            m = re.search(r"pretrained=([^,]+)", args) if isinstance(args, str) else None
+            name = m.group(1) if m else None
     return plain_name(Path(name.rstrip("/")).name) if name else None
 
 

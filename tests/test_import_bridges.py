@@ -1,0 +1,240 @@
+"""``evalhost import --from lm-eval|inspect SOLO BATCH -o RUN_DIR`` on real files made by the real tools
+(tests/fixtures/bridges: lm-eval --log_samples at --batch_size 1 and 8; inspect eval with --max-connections 1 and
+8; the commands are in make_fixtures.sh). Every count is checked against numbers computed here from the fixture
+files themselves (pandas / json / zipfile, scipy and statsmodels for the statistics), not through evalhost."""
+from __future__ import annotations
+
+import json
+import shutil
+import zipfile
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from scipy.stats import binomtest
+from statsmodels.stats.proportion import proportion_confint
+
+from evalhost.cli import main
+from evalhost.records import read_records
+from evalhost.validate import validate_run
+
+FIX = Path(__file__).parent / "fixtures" / "bridges"
+LM_SOLO = next((FIX / "lmeval" / "bs1").glob("samples_*.jsonl"))
+LM_BATCH = next((FIX / "lmeval" / "bs8").glob("samples_*.jsonl"))
+IN_SOLO, IN_BATCH = FIX / "inspect" / "bs1.eval", FIX / "inspect" / "bs8.eval"
+
+
+def cli(args, capsys) -> tuple[int, str, str]:
+    try:
+        main(args)
+        code = 0
+    except SystemExit as exc:
+        code = exc.code
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def expected(solo: pd.DataFrame, batch: pd.DataFrame) -> dict:
+    """Pairs, flips, text changes, correct counts, discordant pairs and McNemar p from two frames with columns
+    id, correct (bool), text: computed here, independently of evalhost."""
+    m = solo.merge(batch, on="id", suffixes=("_s", "_b"))
+    b = int((m.correct_s & ~m.correct_b).sum())
+    c = int((~m.correct_s & m.correct_b).sum())
+    return {"pairs": len(m), "flips": int((m.correct_s != m.correct_b).sum()),
+            "text": int((m.text_s != m.text_b).sum()), "solo_correct": int(m.correct_s.sum()),
+            "batch_correct": int(m.correct_b.sum()), "b": b, "c": c,
+            "p": binomtest(b, b + c, 0.5).pvalue if b + c else 1.0}
+
+
+def lmeval_frame(path: Path) -> pd.DataFrame:
+    df = pd.read_json(path, lines=True)
+    return pd.DataFrame({"id": df.doc_id.astype(str), "correct": df.exact_match == 1,
+                         "text": df.filtered_resps.map(lambda r: r[0])})
+
+
+def inspect_frame(path: Path) -> pd.DataFrame:
+    pytest.importorskip("zipfile_zstd")  # inspect-ai's dependency: lets zipfile read the .eval's zstd members
+    rows = []
+    with zipfile.ZipFile(path) as z:  # the .eval format: a zip with one JSON file per sample under samples/
+        for name in z.namelist():
+            if name.startswith("samples/") and name.endswith(".json"):
+                s = json.loads(z.read(name))
+                msg = s["output"]["choices"][0]["message"]["content"]
+                text = msg if isinstance(msg, str) else "".join(c.get("text", "") for c in msg
+                                                                if c.get("type") == "text")
+                rows.append({"id": str(s["id"]), "correct": s["scores"]["includes"]["value"] == "C", "text": text})
+    return pd.DataFrame(rows)
+
+
+def check_run(run: Path, exp: dict, out: str) -> dict:
+    manifest = json.loads((run / "manifest.json").read_text())
+    paired = manifest["imported"]["paired"]
+    assert paired["pairs"] == exp["pairs"]
+    assert paired["solo_correct"]["k"] == exp["solo_correct"] and paired["batch_correct"]["k"] == exp["batch_correct"]
+    assert (paired["solo_only"], paired["batch_only"]) == (exp["b"], exp["c"])
+    assert paired["mcnemar_p"] == pytest.approx(exp["p"])
+    lo, hi = proportion_confint(exp["solo_correct"], exp["pairs"], alpha=0.05, method="wilson")
+    assert (paired["solo_correct"]["lo"], paired["solo_correct"]["hi"]) == (pytest.approx(lo), pytest.approx(hi))
+    summary = json.loads((run / "summary.json").read_text())
+    overall = summary["overall"]
+    assert overall["pairs"] == exp["pairs"]
+    assert overall["label_flips"]["k"] == exp["flips"] and overall["text_changes"]["k"] == exp["text"]
+    lo, hi = proportion_confint(exp["flips"], exp["pairs"], alpha=0.05, method="wilson")
+    assert overall["label_flips"]["lo"] == pytest.approx(lo) and overall["label_flips"]["hi"] == pytest.approx(hi)
+    assert f"{exp['pairs']} pairs, {exp['pairs']} comparable: {exp['flips']} flips, {exp['text']} text changes" in out
+    assert validate_run(run)["errors"] == []
+    assert (run / "report.md").is_file()
+    return manifest
+
+
+def test_fixtures_are_small_and_came_with_their_commands():
+    for f in [LM_SOLO, LM_BATCH, IN_SOLO, IN_BATCH]:
+        assert f.stat().st_size < 200_000, f
+    assert "lm_eval" in (FIX / "make_fixtures.sh").read_text() and "inspect\" eval" in (FIX / "make_fixtures.sh"
+                                                                                        ).read_text()
+
+
+def test_lmeval_pair_is_imported_with_flips_text_changes_wilson_and_mcnemar(tmp_path, capsys):
+    run = tmp_path / "lm"
+    code, out, err = cli(["import", "--from", "lm-eval", str(LM_SOLO), str(LM_BATCH), "-o", str(run)], capsys)
+    assert code == 0, err
+    exp = expected(lmeval_frame(LM_SOLO), lmeval_frame(LM_BATCH))
+    manifest = check_run(run, exp, out)
+    assert manifest["imported"]["format"] == "lm-eval" and "exact_match" in manifest["imported"]["label"]
+    fp = next(iter(manifest["fingerprints"].values()))
+    assert fp["solo"]["batch_size"] == 1 and fp["batch"]["batch_size"] == 8 and fp["metric"] == "exact_match"
+    assert fp["batch"]["lm_eval_version"]
+    recs = read_records(run / "records.jsonl")
+    batch = [r for r in recs if r["condition"] == "batch"]
+    assert len(batch) == exp["pairs"] and {r["batch_size"] for r in batch} == {8}
+    assert {r["task"] for r in recs} == {"evalhost_tinyqa"} and {r["model"] for r in recs} == {"smollm2-135m-instruct"}
+    solo_text = dict(zip(lmeval_frame(LM_SOLO).id, lmeval_frame(LM_SOLO).text))
+    assert all(r["output_text"] == solo_text[r["item_id"]] for r in recs if r["condition"] == "solo")
+    assert all(r["metadata"]["prompt"].startswith("Q: ") for r in recs)
+    assert f"p = {exp['p']:.3g}" in out
+
+
+def test_inspect_pair_is_imported_with_flips_text_changes_wilson_and_mcnemar(tmp_path, capsys):
+    run = tmp_path / "insp"
+    code, out, err = cli(["import", "--from", "inspect", str(IN_SOLO), str(IN_BATCH), "-o", str(run)], capsys)
+    assert code == 0, err
+    exp = expected(inspect_frame(IN_SOLO), inspect_frame(IN_BATCH))
+    manifest = check_run(run, exp, out)
+    fp = next(iter(manifest["fingerprints"].values()))
+    assert fp["solo"]["batch_size"] == 1 and fp["batch"]["batch_size"] == 8 and fp["metric"] == "includes"
+    recs = read_records(run / "records.jsonl")
+    assert {r["model"] for r in recs} == {"smollm2-135m-instruct"} and {r["backend"] for r in recs} == {"inspect-hf"}
+
+
+def test_the_export_of_an_imported_pair_is_read_by_inspect_ai(tmp_path, capsys):
+    inspect_log = pytest.importorskip("inspect_ai.log")
+    run = tmp_path / "lm"
+    assert cli(["import", "--from", "lm-eval", str(LM_SOLO), str(LM_BATCH), "-o", str(run), "--no-report"],
+               capsys)[0] == 0
+    assert cli(["export", "--format", "inspect", str(run), "-o", str(tmp_path / "lm.eval")], capsys)[0] == 0
+    log = inspect_log.read_eval_log(str(tmp_path / "lm.eval"))
+    frame = lmeval_frame(LM_SOLO)
+    assert len(log.samples) == len(frame)
+    assert all(s.input.startswith("Q: ") for s in log.samples)  # the prompt lm-eval logged
+
+
+def _drop(src: Path, dst: Path, ids: set[int]) -> Path:
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    dst.write_text("".join(line + "\n" for line in src.read_text().splitlines()
+                           if json.loads(line)["doc_id"] not in ids))
+    return dst
+
+
+def test_mismatched_sample_sets_are_counted_not_dropped(tmp_path, capsys):
+    solo = _drop(LM_SOLO, tmp_path / "s" / LM_SOLO.name, {5})
+    batch = _drop(LM_BATCH, tmp_path / "b" / LM_BATCH.name, {0, 1})
+    run = tmp_path / "run"
+    code, out, err = cli(["import", "--from", "lm-eval", str(solo), str(batch), "-o", str(run)], capsys)
+    assert code == 0, err
+    n = len(lmeval_frame(LM_SOLO))
+    manifest = json.loads((run / "manifest.json").read_text())
+    assert manifest["imported"]["only_solo"] == ["0", "1"] and manifest["imported"]["only_batch"] == ["5"]
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["counts"]["pairs"] == n  # every sample of either file is a pair
+    assert summary["overall"]["pairs"] == n - 3  # comparable: both sides present
+    assert summary["overall"]["not_comparable"]["error"] == 3
+    assert f"2 samples only in {solo.name}" in out and f"1 samples only in {batch.name}" in out
+    assert validate_run(run)["errors"] == []
+
+
+def test_a_changed_prompt_is_a_prompt_mismatch_not_a_flip(tmp_path, capsys):
+    lines = [json.loads(x) for x in LM_BATCH.read_text().splitlines()]
+    lines[0]["arguments"]["gen_args_0"]["arg_0"] += " (edited)"
+    batch = tmp_path / "b" / LM_BATCH.name
+    batch.parent.mkdir()
+    batch.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    run = tmp_path / "run"
+    assert cli(["import", "--from", "lm-eval", str(LM_SOLO), str(batch), "-o", str(run)], capsys)[0] == 0
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["overall"]["not_comparable"]["prompt_mismatch"] == 1
+
+
+def _bad(tmp_path: Path, case: str) -> list[str]:
+    d = tmp_path / "in"
+    d.mkdir()
+    lm = ["--from", "lm-eval", str(LM_SOLO)]
+    if case == "one_file":
+        return lm
+    if case == "three_files":
+        return [*lm, str(LM_BATCH), str(LM_BATCH)]
+    if case == "evalhost_two_files":
+        return [str(LM_SOLO), str(LM_BATCH)]
+    if case == "not_json":
+        (d / "samples_x_2026-01-01T00-00-00.1.jsonl").write_text('{"doc_id": 0}\nnot json\n')
+        return [*lm, str(d / "samples_x_2026-01-01T00-00-00.1.jsonl")]
+    if case == "no_doc_id":
+        (d / "s.jsonl").write_text('{"exact_match": 1}\n')
+        return [*lm, str(d / "s.jsonl")]
+    if case == "duplicate_doc":
+        text = LM_BATCH.read_text()
+        (d / LM_BATCH.name).write_text(text + text)
+        return [*lm, str(d / LM_BATCH.name)]
+    if case == "other_task":
+        shutil.copy(LM_BATCH, d / LM_BATCH.name.replace("evalhost_tinyqa", "other_task"))
+        return [*lm, str(d / LM_BATCH.name.replace("evalhost_tinyqa", "other_task"))]
+    if case == "unknown_metric":
+        return [*lm, str(LM_BATCH), "--metric", "bleu"]
+    if case == "metric_for_evalhost":
+        return [str(LM_SOLO), "--metric", "acc"]
+    if case == "missing_file":
+        return [*lm, str(d / "nope.jsonl")]
+    if case == "garbage_eval":
+        (d / "x.eval").write_bytes(b"not a zip")
+        return ["--from", "inspect", str(IN_SOLO), str(d / "x.eval")]
+    if case == "inspect_txt":
+        (d / "x.txt").write_text("x")
+        return ["--from", "inspect", str(IN_SOLO), str(d / "x.txt")]
+    if case == "inspect_unknown_scorer":
+        return ["--from", "inspect", str(IN_SOLO), str(IN_BATCH), "--metric", "nope"]
+    if case == "disjoint":
+        (d / LM_BATCH.name).write_text("".join(json.dumps({**json.loads(x), "doc_id": 1000 + i}) + "\n"
+                                               for i, x in enumerate(LM_BATCH.read_text().splitlines())))
+        return [*lm, str(d / LM_BATCH.name)]
+    raise AssertionError(case)
+
+
+@pytest.mark.parametrize("case", ["one_file", "three_files", "evalhost_two_files", "not_json", "no_doc_id",
+                                  "duplicate_doc", "other_task", "unknown_metric", "metric_for_evalhost",
+                                  "missing_file", "garbage_eval", "inspect_txt", "inspect_unknown_scorer",
+                                  "disjoint"])
+def test_bad_input_is_one_sentence_exit_2_nothing_written(tmp_path, capsys, case):
+    out = tmp_path / "runs" / "r"
+    out.parent.mkdir()
+    code, _, err = cli(["import", *_bad(tmp_path, case), "-o", str(out)], capsys)
+    assert code == 2, err
+    assert err.startswith("error: ") and err.count("\n") == 1 and "Traceback" not in err
+    assert list(out.parent.iterdir()) == []  # no run directory, no temporary directory left
+
+
+def test_an_existing_run_dir_is_refused(tmp_path, capsys):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "keep").write_text("mine")
+    code, _, err = cli(["import", "--from", "inspect", str(IN_SOLO), str(IN_BATCH), "-o", str(run)], capsys)
+    assert code == 2 and "already exists" in err
+    assert [p.name for p in run.iterdir()] == ["keep"]
