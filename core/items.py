@@ -25,7 +25,11 @@ def _fail(where: str, problem: str, fix: str) -> UserError:
 def item_from_dict(
     raw: Any, where: str, task: str, default_domain: str | None = None, default_scorer: str | None = None
 ) -> TaskItem:
-    """Validate one raw item (``where`` is ``file:line`` for messages) and build a :class:`TaskItem`."""
+    """Validate one raw item (``where`` is ``file:line`` for messages) and build a :class:`TaskItem`.
+
+    ``default_domain`` and ``default_scorer`` fill in an item that has no ``domain`` / ``scorer`` of its own. The
+    scorer stored here is only the item's: which scorer scores it (the task's scorer comes first) is decided by
+    :func:`evalhost.scoring.scorer_for` alone."""
     if not isinstance(raw, dict):
         raise _fail(where, f"the line is a JSON {type(raw).__name__}, not an object", "write one JSON object per line")
     _check_text(raw, where)

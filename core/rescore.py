@@ -4,8 +4,9 @@ backend), keep the labels it replaces, rewrite the report.
 Design (records stay append-only for runs; a rescore replaces the records file whole, never edits it in place):
 
 1. take the run directory's lock (:meth:`evalhost.rundir.RunDir.lock`, the one ``run`` holds);
-2. score every record's ``output_text`` with its task's scorer (or ``--scorer NAME``), using the task items of the
-   run's own ``study.toml``; a scorer that raises gives that record ``label = score = None`` and ``scorer_error``;
+2. score every record's ``output_text`` with the scorer the run's rule picks (:func:`evalhost.scoring.scorer_for`:
+   ``--scorer NAME``, else the task's scorer, else the item's own), using the task items of the run's own
+   ``study.toml``; a scorer that raises gives that record ``label = score = None`` and ``scorer_error``;
 3. when a label, score, rationale, scorer name or scorer error changed: append one entry to the sidecar
    ``rescore-history.jsonl`` (one JSON line per rescore: when, which scorer, the SHA-256 of the records before and
    after, and for each changed record its ``key`` with the ``old`` and ``new`` values) and write it atomically

@@ -11,8 +11,9 @@ task's ``domain`` option instead. A CSV has a header row with ``id``, ``prompt``
 column goes into ``metadata``. Empty cells count as absent.
 
 Options given by the host: ``task`` (the task name from the study; set on every item), ``domain`` (default for items
-without one), ``scorer`` (default for items without one). A problem in a file is a :class:`UserError` naming
-``file:line`` and the fix.
+without one), ``scorer`` (the task's scorer, stored on items without one; it scores every item of the task, also one
+that names its own: the host's rule, ``evalhost.scoring.scorer_for``, puts the task's scorer first). A problem in a
+file is a :class:`UserError` naming ``file:line`` and the fix.
 """
 from __future__ import annotations
 
