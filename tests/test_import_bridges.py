@@ -160,6 +160,14 @@ def test_mismatched_sample_sets_are_counted_not_dropped(tmp_path, capsys):
     assert summary["overall"]["not_comparable"]["error"] == 3
     assert f"2 samples only in {solo.name}" in out and f"1 samples only in {batch.name}" in out
     assert validate_run(run)["errors"] == []
+    inspect_log = pytest.importorskip("inspect_ai.log")  # the export keeps the pairs that are not comparable
+    assert cli(["export", "--format", "inspect", str(run), "-o", str(tmp_path / "m.eval")], capsys)[0] == 0
+    samples = inspect_log.read_eval_log(str(tmp_path / "m.eval")).samples
+    assert len(samples) == n
+    gone = sorted(s.metadata["item_id"] for s in samples if not s.metadata["comparable"])
+    assert gone == ["0", "1", "5"]
+    assert all(s.scores["flip"].explanation == "not comparable: error" for s in samples
+               if s.metadata["item_id"] in gone)
 
 
 def test_a_changed_prompt_is_a_prompt_mismatch_not_a_flip(tmp_path, capsys):
@@ -238,3 +246,14 @@ def test_an_existing_run_dir_is_refused(tmp_path, capsys):
     code, _, err = cli(["import", "--from", "inspect", str(IN_SOLO), str(IN_BATCH), "-o", str(run)], capsys)
     assert code == 2 and "already exists" in err
     assert [p.name for p in run.iterdir()] == ["keep"]
+
+
+def test_an_inspect_json_log_pairs_with_an_eval_log(tmp_path, capsys):
+    inspect_log = pytest.importorskip("inspect_ai.log")
+    as_json = tmp_path / "bs8.json"  # the same log in inspect's JSON format, written by inspect_ai itself
+    inspect_log.write_eval_log(inspect_log.read_eval_log(str(IN_BATCH)), str(as_json), format="json")
+    run = tmp_path / "run"
+    code, out, err = cli(["import", "--from", "inspect", str(IN_SOLO), str(as_json), "-o", str(run)], capsys)
+    assert code == 0, err
+    exp = expected(inspect_frame(IN_SOLO), inspect_frame(IN_BATCH))
+    check_run(run, exp, out)
