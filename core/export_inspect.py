@@ -7,7 +7,9 @@ browses it. inspect_ai is an optional extra (``pip install 'evalhost[inspect]'``
 One sample per solo/batch pair of :func:`evalhost.analysis.pair` (comparable or not; the pair's
 ``not_comparable`` reason says why not), in record order:
 
-* ``id``: the batch record's key (unique: ``cell#item#rN``), ``epoch`` 1;
+* ``id``: the batch record's key (``cell#item#rN``) with every run of characters other than letters, digits and
+  ``_ . + = -`` replaced by ``_`` (a '/' or '#' in an id breaks inspect's sample file names and viewer URLs; a
+  suffix keeps ids unique; ``metadata.key`` is the key itself), ``epoch`` 1;
 * ``input``: the prompt when the records carry it (``metadata.prompt``, as the lm-eval and inspect bridges store
   it), else a line naming the task and item (evalhost records keep only the prompt's SHA-256);
 * ``messages``: the input, then the solo output and the batch output as two assistant messages (each message's
@@ -28,6 +30,7 @@ from __future__ import annotations
 import contextlib
 import datetime as _dt
 import os
+import re
 import tempfile
 from pathlib import Path
 from typing import Any, Mapping
@@ -36,6 +39,7 @@ from .errors import UserError
 
 FORMATS = ("inspect",)
 SUFFIXES = (".eval", ".json")
+_UNSAFE = re.compile(r"[^A-Za-z0-9_.+=-]+")
 _PAIR_FIELDS = ("key", "solo_key", "cell", "model", "backend", "backend_plugin", "task", "item_id", "domain",
                 "dispatcher", "batch_size", "repeat", "group_id", "position", "peers", "solo_label", "batch_label",
                 "solo_score", "batch_score", "label_flip", "score_flip", "flip", "flip_kind", "flip_on",
@@ -83,6 +87,18 @@ def _iso(ts: Any) -> str:
         return _dt.datetime.now(tz=_dt.timezone.utc).isoformat()
 
 
+def _sample_id(key: Any, seen: set[str]) -> str:
+    """The batch key as a sample id that is safe in inspect's zip member names and `inspect view`'s URLs ('/' and
+    '#' are not), unique in the log (the key itself stays in the sample's metadata)."""
+    sid = _UNSAFE.sub("_", str(key)).strip("_")[:200] or "pair"
+    base, n = sid, 1
+    while sid in seen:
+        n += 1
+        sid = f"{base}_{n}"
+    seen.add(sid)
+    return sid
+
+
 def _text(rec: Mapping[str, Any] | None) -> str:
     t = (rec or {}).get("output_text")
     return t if isinstance(t, str) else ""
@@ -126,6 +142,7 @@ def build_log(run_dir: str | Path) -> Any:
                         f"solo baselines")
     fps = manifest.get("fingerprints") if isinstance(manifest.get("fingerprints"), Mapping) else {}
     samples = []
+    ids: set[str] = set()
     for p in pairs:
         batch, solo = by_key.get(p["key"], {}), by_key.get(p["solo_key"])
         fid = batch.get("fingerprint_id")
@@ -140,7 +157,7 @@ def build_log(run_dir: str | Path) -> Any:
                     fingerprint_id=fid, stack=_scalars(fps.get(fid)))
         prompt = _input(solo, batch, p)
         samples.append(EvalSample(
-            id=str(p["key"]), epoch=1, input=prompt, target="",
+            id=_sample_id(p["key"], ids), epoch=1, input=prompt, target="",
             messages=[ChatMessageUser(content=prompt),
                       ChatMessageAssistant(content=_text(solo), metadata={"condition": "solo"}),
                       ChatMessageAssistant(content=_text(batch), metadata={"condition": "batch"})],

@@ -2,8 +2,8 @@
 solo/batch pair with both outputs, labels, flip and stack facts; bad input is one sentence, exit 2."""
 from __future__ import annotations
 
-import hashlib
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -14,10 +14,6 @@ from evalhost.cli import main
 from evalhost.records import read_records
 
 inspect_log = pytest.importorskip("inspect_ai.log")
-
-
-def _sha(t: str) -> str:
-    return hashlib.sha256(t.encode()).hexdigest()
 
 
 ROWS = [  # evalhost's import format: one label flip, one text change without a flip, two identical pairs
@@ -64,11 +60,13 @@ def test_export_is_read_back_by_inspect_ai_one_sample_per_pair(run_dir, tmp_path
     recs = read_records(run_dir / "records.jsonl")
     pairs = {p["key"]: p for p in pair(recs)}
     assert log.status == "success" and log.eval.task == "evalhost/res" and log.eval.model == "m1"
-    assert sorted(s.id for s in log.samples) == sorted(pairs)
+    assert sorted(s.metadata["key"] for s in log.samples) == sorted(pairs)
+    assert all(re.fullmatch(r"[A-Za-z0-9_.+=-]+", s.id) for s in log.samples)  # no '/' or '#': viewer URLs
+    assert len({s.id for s in log.samples}) == len(log.samples)
     by_item = {s.metadata["item_id"]: s for s in log.samples}
     texts = {r["row_id"]: r for r in ROWS}
     for item, s in by_item.items():
-        p = pairs[s.id]
+        p = pairs[s.metadata["key"]]
         assert s.metadata["solo_text"] == texts[item]["solo_text"]
         assert s.metadata["batch_text"] == texts[item]["batch_text"]
         assert s.output.completion == texts[item]["batch_text"]
