@@ -4,8 +4,9 @@ The fuzz tests (tests/test_fuzz_inputs.py) generate inputs that are mostly bad b
 classified here first: :func:`study_problem` / :func:`task_file_problem` return ``None`` for a valid input (the dry
 run must exit 0 and print a plan) or a short reason it is bad (the dry run must exit 2 with one ``error:`` sentence).
 
-The rules are written from the documentation (README "Limits on a study", tasks/README.md "Item format", the study
-schema in docs/architecture.md) rather than by calling the code under test, so a check that evalhost forgets shows
+The rules are written from the documentation (README "Limits on a study" and its annotated study file,
+tasks/README.md "Item format"; the task-file rules are in tests/fuzz_expect_items.py) rather than by calling the
+code under test, so a check that evalhost forgets shows
 up as a bad input that exited 0. Where the documentation leaves a detail open (an integer item id, a whitespace-only
 line), the rule is the one evalhost implements and says so. Two things are taken as given instead of re-derived:
 
