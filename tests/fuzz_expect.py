@@ -6,9 +6,9 @@ run must exit 0 and print a plan) or a short reason it is bad (the dry run must 
 
 The rules are written from the documentation (README "Limits on a study" and its annotated study file,
 tasks/README.md "Item format"; the task-file rules are in tests/fuzz_expect_items.py) rather than by calling the
-code under test, so a check that evalhost forgets shows
-up as a bad input that exited 0. Where the documentation leaves a detail open (an integer item id, a whitespace-only
-line), the rule is the one evalhost implements and says so. Two things are taken as given instead of re-derived:
+code under test, so a check that evalhost forgets shows up as a bad input that exited 0. Where the documentation
+leaves a detail open (an integer item id, a whitespace-only line), the rule is the one evalhost implements and
+says so. Two things are taken as given instead of re-derived:
 
 * which plugin names exist (the registry: the built-ins and the toy distribution the tests install), and
 * each plugin's own option rules: a plugin's ``check_options`` is the specification of its options (tested with the
