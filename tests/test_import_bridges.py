@@ -257,3 +257,15 @@ def test_an_inspect_json_log_pairs_with_an_eval_log(tmp_path, capsys):
     assert code == 0, err
     exp = expected(inspect_frame(IN_SOLO), inspect_frame(IN_BATCH))
     check_run(run, exp, out)
+
+
+def test_without_inspect_ai_the_inspect_import_says_so_exit_2(tmp_path, capsys, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "inspect_ai", None)  # import inspect_ai now raises ImportError
+    run = tmp_path / "run"
+    code, _, err = cli(["import", "--from", "inspect", str(IN_SOLO), str(IN_BATCH), "-o", str(run)], capsys)
+    assert code == 2 and err.count("\n") == 1 and "evalhost[inspect]" in err and not run.exists()
+    # lm-eval files need no inspect_ai
+    assert cli(["import", "--from", "lm-eval", str(LM_SOLO), str(LM_BATCH), "-o", str(run), "--no-report"],
+               capsys)[0] == 0
