@@ -22,7 +22,8 @@ What is here, by use:
   way, through a backend method: ``await backend.engine_metrics()``.
 * **Executor contract**: :class:`Executor`; :func:`execute_work` (start a work's backend, run its groups, yield
   :class:`BackendStarted` and :class:`GroupDone` events for the driver); :class:`ItemLoader` (a picklable
-  ``load_items`` for a worker process); :func:`worker_context`; :func:`plugin_class`.
+  ``load_items`` for a worker process); :func:`worker_context`; :func:`plugin_class`; :func:`fleet_evidence` (a batch
+  group's evidence on a batched fleet, :meth:`Backend.fleet`: its replica and whether its verdict is as planned).
 * **Analysis vocabulary**: :func:`label_direction` (how a solo label changed in batch, e.g. ``refuse_to_comply``);
   the co-batching verdicts a dispatcher records in its evidence as ``cobatch`` (:func:`synchronized_verdict`,
   :func:`continuous_verdict`, :func:`prompt_list_verdict`; the rules are in :mod:`evalhost.cobatch`).
@@ -60,6 +61,7 @@ __all__ = [
     "load_items",
     # executors
     "Executor", "execute_work", "BackendStarted", "GroupDone", "ItemLoader", "worker_context", "plugin_class",
+    "fleet_evidence",
     # analysis vocabulary: label changes, the co-batching verdicts dispatchers record (evalhost.cobatch)
     "label_direction", "synchronized_verdict", "continuous_verdict", "prompt_list_verdict",
     # records: the size limit of a generation's extra (recorded as backend_extra)
@@ -112,6 +114,7 @@ _LAZY = {
     "execute_work": ("run_worker", "execute_work"),
     "BackendStarted": ("run_worker", "BackendStarted"),
     "GroupDone": ("run_worker", "GroupDone"),
+    "fleet_evidence": ("group_fleet", "fleet_evidence"),
     "ItemLoader": ("plan", "ItemLoader"),
     "item_from_dict": ("items", "item_from_dict"),
     "ITEM_FIELDS": ("items", "FIELDS"),

@@ -210,7 +210,8 @@ def fake_server_argv(port: int, state: str | os.PathLike[str], **faults: Any) ->
     """The command line of a fake server on ``port`` counting its requests in the file ``state``. ``faults``:
     ``die_on``, ``fail_500_on``, ``hang_on``, ``short_on``, ``omit_index_on``, ``repeat_index_on``,
     ``index_out_of_range_on``, ``bad_token_ids_on``, ``drip_on`` (request numbers, 1-based, counted across
-    restarts), ``drip_seconds``, ``startup_delay`` (s), ``exit_at_start`` (bool), ``require_key`` (str)."""
+    restarts), ``drip_seconds``, ``startup_delay`` (s), ``latency`` (s, every completions answer),
+    ``exit_at_start`` (bool), ``require_key`` (str)."""
     argv = [sys.executable, "-m", "evalhost.testing_server", "--port", str(port), "--state", str(state)]
     for key, value in faults.items():
         flag = "--" + key.replace("_", "-")
@@ -220,11 +221,11 @@ def fake_server_argv(port: int, state: str | os.PathLike[str], **faults: Any) ->
                 argv += [flag, ",".join(str(int(n)) for n in numbers)]
         elif key == "exit_at_start":
             argv += [flag] if value else []
-        elif key in ("drip_seconds", "startup_delay", "require_key"):
+        elif key in ("drip_seconds", "startup_delay", "require_key", "latency"):
             argv += [flag, str(value)]
         else:
             raise TypeError(f"unknown fake server option {key!r}; known: {', '.join(FAULTS)}, drip_seconds, "
-                            f"startup_delay, exit_at_start, require_key")
+                            f"startup_delay, latency, exit_at_start, require_key")
     return argv
 
 

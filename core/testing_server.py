@@ -5,12 +5,15 @@ server. Start it from Python with :class:`evalhost.testing.FakeServer`, or as a 
     python -m evalhost.testing_server --port P --state FILE [--die-on 1,2] [--fail-500-on 1,2] [--hang-on 1]
         [--short-on 1] [--exit-at-start] [--startup-delay S] [--require-key KEY]
         [--omit-index-on 2] [--repeat-index-on 2] [--index-out-of-range-on 2] [--bad-token-ids-on 2]
-        [--drip-on 2 --drip-seconds S]
+        [--drip-on 2 --drip-seconds S] [--latency S]
 
-Endpoints: ``GET /health``, ``GET /metrics``, ``GET /version``, ``POST /v1/completions`` (text = "echo:" + the
+Endpoints: ``GET /health``, ``GET /metrics`` (``vllm:num_requests_running``: the completions requests in flight),
+``GET /version``, ``GET /v1/models`` (one model, ``fake``), ``POST /v1/completions`` (text = "echo:" + the
 prompt's first 12 characters, token_ids = their code points, choices in reverse order so that clients must order
 them by ``index``). Completions requests are numbered across restarts through the ``--state`` file, so a fault can
-hit exactly the N-th request even after the server was restarted.
+hit exactly the N-th request even after the server was restarted. ``--latency S``: every completions answer waits
+S seconds (a fixed engine time). Each completions request is logged with its start and end (epoch seconds) and the
+first 12 hex digits of each prompt's SHA-256, so a test can tell which requests were in flight together.
 
 ``--die-on``: the process exits (code 9) on that request; ``--fail-500-on``: HTTP 500; ``--hang-on``: no answer
 for an hour; ``--short-on``: one choice too few; ``--omit-index-on``: the choices carry no ``index``;
@@ -23,6 +26,7 @@ spread over ``--drip-seconds`` (each read returns quickly; only a deadline for t
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import sys
@@ -53,6 +57,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--bad-token-ids-on", default="")
     ap.add_argument("--drip-on", default="")
     ap.add_argument("--drip-seconds", type=float, default=40.0)
+    ap.add_argument("--latency", type=float, default=0.0)
     args = ap.parse_args(argv)
     omit_on, repeat_on, range_on, bad_ids_on, drip_on = (
         _numbers(args.omit_index_on), _numbers(args.repeat_index_on), _numbers(args.index_out_of_range_on),
@@ -65,6 +70,7 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(3)
     time.sleep(args.startup_delay)
     lock = threading.Lock()
+    in_flight = [0]
 
     def next_number() -> int:
         with lock:
@@ -107,9 +113,12 @@ def main(argv: list[str] | None = None) -> None:
             if self.path == "/health":
                 self._send(200, "", "text/plain")
             elif self.path == "/metrics":
-                self._send(200, "vllm:num_requests_running 0\nvllm:num_requests_waiting 0\n", "text/plain")
+                self._send(200, f"vllm:num_requests_running {in_flight[0]}\nvllm:num_requests_waiting 0\n",
+                           "text/plain")
             elif self.path == "/version":
                 self._send(200, {"version": "fake-0"})
+            elif self.path == "/v1/models":
+                self._send(200, {"object": "list", "data": [{"id": "fake", "object": "model"}]})
             else:
                 self._send(404, {"error": "not found"})
 
@@ -123,7 +132,22 @@ def main(argv: list[str] | None = None) -> None:
                 self._send(401, {"error": "bad key"})
                 return
             n = next_number()
-            print(f"completions request #{n}", flush=True)
+            prompts = body.get("prompt")
+            prompts = prompts if isinstance(prompts, list) else [prompts]
+            digests = ",".join(hashlib.sha256(str(p).encode()).hexdigest()[:12] for p in prompts)
+            print(f"completions request #{n} start {time.time():.6f} prompts {digests}", flush=True)
+            with lock:
+                in_flight[0] += 1
+            try:
+                answer = self._complete(n, body, prompts)
+            finally:
+                with lock:
+                    in_flight[0] -= 1
+                print(f"completions request #{n} end {time.time():.6f}", flush=True)  # before the client has it
+            if answer is not None:
+                self._send(*answer[:2], drip_s=answer[2])
+
+        def _complete(self, n: int, body: dict, prompts: list) -> tuple[int, dict, float] | None:
             if n in die_on:
                 print(f"simulated crash on request #{n}", flush=True)
                 os._exit(9)
@@ -131,10 +155,8 @@ def main(argv: list[str] | None = None) -> None:
                 print(f"simulated hang on request #{n}", flush=True)
                 time.sleep(3600)
             if n in fail_on:
-                self._send(500, {"error": f"simulated internal error on request #{n}"})
-                return
-            prompts = body.get("prompt")
-            prompts = prompts if isinstance(prompts, list) else [prompts]
+                return 500, {"error": f"simulated internal error on request #{n}"}, 0.0
+            time.sleep(args.latency)
             choices = []
             for i, p in enumerate(prompts):
                 text = "echo:" + str(p)[:12]
@@ -158,8 +180,8 @@ def main(argv: list[str] | None = None) -> None:
                     c["token_ids"] = ["x", None]
             if n in drip_on:
                 print(f"dripping the answer to request #{n} over {args.drip_seconds} s", flush=True)
-            self._send(200, {"id": f"cmpl-{n}", "object": "text_completion", "model": body.get("model"),
-                             "choices": choices}, drip_s=args.drip_seconds if n in drip_on else 0.0)
+            return 200, {"id": f"cmpl-{n}", "object": "text_completion", "model": body.get("model"),
+                         "choices": choices}, args.drip_seconds if n in drip_on else 0.0
 
     server = ThreadingHTTPServer((args.host, args.port), Handler)
     server.daemon_threads = True

@@ -240,6 +240,20 @@ class Backend:
         separate replicas. Outputs must be what ``generate([p])`` gives; the default is exactly that, sequentially."""
         return [self.generate([p], sampling)[0] for p in prompts]
 
+    def fleet(self) -> list["Backend"]:
+        """The engines that may run *batched* groups side by side (a *batched fleet*), called once after
+        :meth:`start`: one backend object per engine replica, this object first; the default ``[self]`` is no fleet.
+
+        The host runs each batch group on ONE of them and never gives an engine a second group (nor a solo prompt)
+        while one is in flight there, so every group is still alone in its engine, as the batch condition needs;
+        the groups of a work are spread over the free engines and their results yielded in plan order. Each
+        element must answer the dispatchers' calls (``generate``, ``agenerate``, ``engine_metrics``) for its own
+        engine only (``engine_metrics`` of replica i reads replica i's engine), render prompts as this object
+        does, and serve the same stack (the fingerprint is this object's). A dispatcher object is built per
+        replica, so ``run_group`` calls on different replicas run at the same time in different threads. The
+        group's ``dispatch_evidence`` then carries ``fleet`` (:func:`evalhost.api.fleet_evidence`)."""
+        return [self]
+
     # -- provenance -------------------------------------------------------------------------
     def fingerprint(self) -> dict[str, Any]:
         """Stack fingerprint: package versions, device, server args, env flags that change numerics."""

