@@ -170,7 +170,7 @@ def _import_rows(path: Path) -> list[tuple[str, dict[str, Any]]]:
             clean = {(k or "").strip(): (v or "").strip() for k, v in row.items()}
             rows.append((f"{path}:{reader.line_num}", clean))
         return rows
-    for number, line in enumerate(text.splitlines(), start=1):
+    for number, line in enumerate(text.split("\n"), start=1):  # not splitlines(): JSON strings may hold U+2028
         if not line.strip():
             continue
         try:

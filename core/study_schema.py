@@ -20,7 +20,7 @@ MAX_REPEATS = 1000
 
 # key -> (type(s), required, check) per table. check(value) returns an error fragment or None.
 _pos = lambda v: None if v >= 1 else "must be at least 1"  # noqa: E731
-_nonneg = lambda v: None if v >= 0 else "must not be negative"  # noqa: E731
+_nonneg = lambda v: None if 0 <= v < float("inf") else "must be a finite number, not negative"  # noqa: E731
 _unit = lambda v: None if 0 < v <= 1 else "must be in (0, 1]"  # noqa: E731
 _maxtok = lambda v: None if 1 <= v <= MAX_TOKENS else f"must be between 1 and {MAX_TOKENS}"  # noqa: E731
 # vLLM refuses more than max_logprobs (default 20: vllm/config/model.py, ModelConfig.max_logprobs) per token

@@ -57,7 +57,7 @@ def flip_keys(run_dir: Path) -> list[str]:
 
 def answers(run_dir: Path) -> list[dict]:
     path = run_dir / ADJUDICATIONS
-    return [json.loads(l) for l in path.read_text().splitlines()] if path.exists() else []
+    return [json.loads(l) for l in path.read_text().split("\n") if l] if path.exists() else []
 
 
 def test_find_flips_pairs_batch_with_solo_repeat0(run_dir):
@@ -174,3 +174,15 @@ def test_load_adjudications_ignores_torn_last_line(tmp_path):
     )
     assert load_adjudications(tmp_path) == {"k1": "artifact"}
     assert load_adjudications(tmp_path / "missing") == {}
+
+
+@pytest.mark.parametrize("brk", ["\u2028", "\u2029", "\u0085"])
+def test_import_note_with_a_unicode_line_break_in_a_json_string(run_dir, tmp_path, brk):
+    """U+2028/U+2029/NEL are legal inside a JSON string: the line is one answer, not two broken ones."""
+    key = flip_keys(run_dir)[0]
+    path = tmp_path / "v.jsonl"
+    path.write_text(json.dumps({"key": key, "verdict": "artifact", "note": f"cut{brk}off"}, ensure_ascii=False)
+                    + "\n", encoding="utf-8")
+    result = CliRunner().invoke(adjudicate, [str(run_dir), "--import", str(path)])
+    assert result.exit_code == 0, result.output
+    assert answers(run_dir)[0]["note"] == f"cut{brk}off"

@@ -76,7 +76,7 @@ class CandidatesSource(TaskSource):
             raise UserError(f"candidates file {path} is not UTF-8 text; {REGENERATE}") from None
         except OSError as exc:
             raise UserError(f"candidates file {path} cannot be read ({exc.strerror}); check the path") from None
-        for n, line in enumerate(text.splitlines(), 1):
+        for n, line in enumerate(text.split("\n"), 1):  # not splitlines(): JSON strings may hold U+2028
             if not line.strip():
                 continue
             try:
