@@ -289,11 +289,14 @@ class CompletionsBackend(Backend):
         url = metrics_url(self.base_url)
         if url is None:
             return None
-        import httpx
+        if self.client is not None:  # one client per event loop for every scrape (CompletionsClient.aget)
+            resp = await self.client.aget(url, timeout=10.0)
+        else:
+            import httpx
 
-        async with httpx.AsyncClient(timeout=10.0) as client:
-            resp = await client.get(url)
-            resp.raise_for_status()
+            async with httpx.AsyncClient(timeout=10.0) as client:
+                resp = await client.get(url)
+        resp.raise_for_status()
         running = parse_running(resp.text)
         if running is None:
             raise RuntimeError("vllm:num_requests_running not found on the metrics page")

@@ -31,6 +31,10 @@ from .completions_retry import (DEFAULT_TIMEOUT_BASE_S, DEFAULT_TIMEOUT_PER_TOKE
 # pool expiry: a request on a connection idle for ~5 s raced the server's close and failed with ReadError (seen once
 # per server start on the H100, and on filler requests). Drop idle connections well before the server does.
 KEEPALIVE_EXPIRY_S = 2.0
+# httpcore's connection pool matches every queued request against every connection each time a request starts or
+# ends: 64 concurrent requests in one pool took 480 ms of CPU per group on the shared CPU VM (an instant fake server),
+# in 8 pools 71 ms. The async shell spreads its requests over this many pools per event loop, in turn.
+ASYNC_POOL_SHARDS = 16
 
 
 class _LoopThread:
@@ -49,8 +53,8 @@ class _LoopThread:
     def call(self, coro):
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result()
 
-    def stop(self, client=None) -> None:
-        """Cancel what is still in flight (a caller waiting on it gets an error, never a hang), close ``client``,
+    def stop(self, clients=()) -> None:
+        """Cancel what is still in flight (a caller waiting on it gets an error, never a hang), close ``clients``,
         end the loop."""
 
         async def shutdown() -> None:
@@ -58,8 +62,9 @@ class _LoopThread:
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)  # their callers' futures are settled by now
-            if client is not None and not client.is_closed:
-                await client.aclose()
+            for client in clients:
+                if not client.is_closed:
+                    await client.aclose()
 
         try:
             asyncio.run_coroutine_threadsafe(shutdown(), self.loop).result(timeout=10)
@@ -102,7 +107,9 @@ class CompletionsClient:
         self._client = None
         self._lock = threading.Lock()
         self._loop_thread: _LoopThread | None = None
-        self._async_clients: dict[int, Any] = {}
+        self._async_clients: dict[Any, Any] = {}  # per event loop: the request pools; (loop, "get"): aget's
+        self._turn = 0
+        self._ssl = None
 
     @property
     def request_timeout_s(self) -> float | None:
@@ -141,19 +148,48 @@ class CompletionsClient:
                                             limits=httpx.Limits(keepalive_expiry=KEEPALIVE_EXPIRY_S))
             return self._client
 
-    def _async_client(self):
-        """This event loop's ``httpx.AsyncClient`` (reused, so requests released together leave together instead of
-        each paying for a new connection pool)."""
+    def _ssl_context(self):
+        """One SSL context for every async client of this client: building one (what ``httpx.AsyncClient()`` does
+        by default, even for http URLs) took 57 ms of CPU on the shared CPU VM."""
+        import httpx
+
+        with self._lock:
+            if self._ssl is None:
+                self._ssl = httpx.create_ssl_context()
+            return self._ssl
+
+    def _async_client(self, n_shards: int = ASYNC_POOL_SHARDS):
+        """One of this event loop's ``n_shards`` ``httpx.AsyncClient`` pools, in turn (reused, so
+        requests released together leave together instead of each paying for a new connection pool; several, because
+        httpcore's pool does work quadratic in the requests it holds each time one starts or ends)."""
         import httpx
 
         loop = asyncio.get_running_loop()
-        client = self._async_clients.get(id(loop))
-        if client is None or client.is_closed:
+        shards = self._async_clients.get(id(loop))
+        if shards is None or shards[0].is_closed:
             limits = httpx.Limits(max_connections=None, max_keepalive_connections=256,
                                   keepalive_expiry=KEEPALIVE_EXPIRY_S)
-            client = httpx.AsyncClient(headers=self._headers(), timeout=self._timeout(), limits=limits)
-            self._async_clients[id(loop)] = client
-        return client
+            verify = self._ssl_context()
+            shards = [httpx.AsyncClient(headers=self._headers(), timeout=self._timeout(), limits=limits, verify=verify)
+                      for _ in range(n_shards)]
+            self._async_clients[id(loop)] = shards
+        self._turn = (self._turn + 1) % len(shards)
+        return shards[self._turn]
+
+    async def aget(self, url: str, timeout: float = 10.0):
+        """GET ``url`` (e.g. the server's ``/metrics``) with this event loop's ``httpx.AsyncClient`` for such reads,
+        made once per loop (a new client per scrape built an SSL context each time, on the loop that was sending
+        the group's requests). Its own pool, so a scrape never queues behind the group's requests; no
+        ``Authorization`` header (the metrics page never needed one)."""
+        import httpx
+
+        key = (id(asyncio.get_running_loop()), "get")
+        client = self._async_clients.get(key)
+        if client is None or client.is_closed:
+            client = httpx.AsyncClient(timeout=timeout, limits=httpx.Limits(keepalive_expiry=KEEPALIVE_EXPIRY_S),
+                                       verify=self._ssl_context())
+            self._async_clients[key] = client
+        return await client.get(url, timeout=timeout)
 
     def close(self) -> None:
         with self._lock:
@@ -162,7 +198,7 @@ class CompletionsClient:
                 self._client = None
             loop_thread, self._loop_thread = self._loop_thread, None
         if loop_thread is not None:
-            loop_thread.stop(self._async_clients.pop(id(loop_thread.loop), None))
+            loop_thread.stop(self._async_clients.pop(id(loop_thread.loop), None) or [])
 
     def get(self, path: str, timeout: float = 10.0):
         return self.client().get(self.base_url + path, timeout=timeout)
@@ -187,7 +223,7 @@ class CompletionsClient:
             loop_thread = self._loop_thread
 
         async def attempt():
-            return await self._post(self._async_client(), url, payload, deadline)
+            return await self._post(self._async_client(1), url, payload, deadline)  # one request at a time
 
         try:
             return loop_thread.call(attempt())
@@ -208,7 +244,7 @@ class CompletionsClient:
             return steps.outcome
 
     async def acomplete(self, payload: dict[str, Any], n: int = 1) -> Outcome:
-        """Like :meth:`complete` (async shell), with this event loop's ``httpx.AsyncClient``."""
+        """Like :meth:`complete` (async shell), with one of this event loop's ``httpx.AsyncClient`` pools."""
         url = self.base_url + "/v1/completions"
         client = self._async_client()
         with closing(Steps(self._steps(payload, n, url))) as steps:

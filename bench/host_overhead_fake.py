@@ -1,0 +1,398 @@
+"""Host overhead on the CPU, isolated from the engine: evalhost's ``solo`` and ``synchronized`` dispatch vs a plain
+httpx client, both against a fake OpenAI-compatible server that answers at once with ``--tokens`` tokens, so every
+second measured is host time (the client's and the server's; the server's is the same for both clients).
+
+    python bench/host_overhead_fake.py --prompts 288 --tokens 256 --batch-size 64 --reps 5 \\
+        --out bench/results/cpu-host-overhead-fake.json
+
+Per repetition, alternating (so that background load hits both alike):
+
+* plain solo: one ``httpx.Client``, each prompt one ``POST /v1/completions`` after the other;
+* evalhost solo: :func:`evalhost.runner.run_study` on a generated study with no batched dispatcher (only the solo
+  cell every study has), backend ``vllm`` attached with ``url``; a fresh private solo cache (misses and puts, as a
+  first run on a new stack does);
+* plain synchronized: one ``httpx.AsyncClient``; per group its prompts as concurrent requests (``asyncio.gather``),
+  groups one after another;
+* evalhost synchronized: the same study with dispatcher ``synchronized`` at ``--batch-size`` (groups of
+  :func:`evalhost.plan.make_groups`, seed 42); its solo cell is served from a private solo cache filled once before.
+
+Host time per solo request and per group: the plain client's is its loop's time / requests (groups). evalhost's is
+taken between the driver's consecutive ``GroupDone`` events of one cell (the bench wraps
+``evalhost.runner.build_records``, which the driver calls once per group): each gap holds the previous group's
+scoring, record writes and fsync and the next group's dispatch, as the GPU run pays them; the cell's first group and
+the run's one-time setup (plugins, tokenizer, attach checks) are left out. Both as wall seconds and as CPU seconds
+of this process (all threads: ``time.process_time``), which a loaded machine disturbs less than wall time.
+
+The fake server also keeps every distinct request body shape (keys and values other than ``prompt``), so the JSON
+line says exactly what evalhost asks the server for beyond the plain client. ``--profile DIR`` runs one more
+evalhost repetition of each mode under yappi (all threads; ``pip install yappi``) and writes the top functions.
+Prints ONE JSON line.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+SEED = 42
+MODEL_NAME = "fake-model"
+
+
+# -- the fake server (its own process: `python bench/host_overhead_fake.py --serve PORT --tokens N`) --------------
+def serve(port: int, tokens: int) -> None:
+    """A minimal asyncio HTTP/1.1 server with keep-alive: /health, /version, /v1/models, /metrics (the requests in
+    flight), POST /v1/completions (each prompt answered at once with ``tokens`` tokens), GET /bodies (the distinct
+    request bodies seen, without their prompts, with counts)."""
+    text = "".join(f" w{i % 97}" for i in range(tokens))
+    ids = [1000 + i % 97 for i in range(tokens)]
+    bodies: dict[str, int] = {}
+    running = 0
+
+    def answer(code: int, body: bytes, ctype: str = "application/json") -> bytes:
+        return (f"HTTP/1.1 {code} OK\r\nContent-Type: {ctype}\r\nContent-Length: {len(body)}\r\n\r\n").encode() + body
+
+    def completions(req: dict) -> bytes:
+        shape = {k: v for k, v in req.items() if k != "prompt"}
+        shape["prompt"] = "list" if isinstance(req.get("prompt"), list) else "str"
+        key = json.dumps(shape, sort_keys=True)
+        bodies[key] = bodies.get(key, 0) + 1
+        prompts = req["prompt"] if isinstance(req["prompt"], list) else [req["prompt"]]
+        n = min(int(req.get("max_tokens") or tokens), tokens)
+        choices = []
+        for i, _ in enumerate(prompts):
+            c = {"index": i, "text": text if n == tokens else "".join(f" w{j % 97}" for j in range(n)),
+                 "logprobs": None, "finish_reason": "length", "stop_reason": None, "prompt_logprobs": None}
+            if req.get("return_token_ids"):
+                c["token_ids"] = ids[:n]
+                c["prompt_token_ids"] = None
+            if req.get("logprobs") is not None:
+                c["logprobs"] = {"token_logprobs": [-0.5] * n, "tokens": [f"w{j}" for j in range(n)],
+                                 "top_logprobs": [{f"w{j}": -0.5} for j in range(n)], "text_offset": list(range(n))}
+            choices.append(c)
+        out = {"id": "cmpl-fake", "object": "text_completion", "created": 0, "model": req.get("model"),
+               "choices": choices, "usage": {"prompt_tokens": 1, "total_tokens": n + 1, "completion_tokens": n}}
+        return json.dumps(out).encode()
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal running
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                lines = head.decode("latin-1").split("\r\n")
+                method, path = lines[0].split(" ")[:2]
+                length = 0
+                for line in lines[1:]:
+                    if line.lower().startswith("content-length:"):
+                        length = int(line.split(":", 1)[1])
+                body = await reader.readexactly(length) if length else b""
+                if method == "POST" and path == "/v1/completions":
+                    running += 1
+                    try:
+                        data = completions(json.loads(body))
+                    finally:
+                        running -= 1
+                    writer.write(answer(200, data))
+                elif path == "/health":
+                    writer.write(answer(200, b"", "text/plain"))
+                elif path == "/version":
+                    writer.write(answer(200, b'{"version": "fake-tokens"}'))
+                elif path == "/v1/models":
+                    writer.write(answer(200, json.dumps({"data": [{"id": MODEL_NAME, "max_model_len": 4096}]})
+                                        .encode()))
+                elif path == "/metrics":
+                    writer.write(answer(200, f"vllm:num_requests_running {running}\n".encode(), "text/plain"))
+                elif path == "/bodies":
+                    writer.write(answer(200, json.dumps(bodies).encode()))
+                else:
+                    writer.write(answer(404, b"{}"))
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+    async def main() -> None:
+        server = await asyncio.start_server(handle, "127.0.0.1", port, backlog=1024)
+        print("ready", flush=True)
+        async with server:
+            await server.serve_forever()
+
+    asyncio.run(main())
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(tokens: int, logdir: Path) -> tuple[subprocess.Popen, str]:
+    import httpx
+
+    port = free_port()
+    log = open(logdir / "fake-server.log", "ab")
+    proc = subprocess.Popen([sys.executable, __file__, "--serve", str(port), "--tokens", str(tokens)],
+                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    for _ in range(400):
+        try:
+            if httpx.get(url + "/health", timeout=1).status_code == 200:
+                return proc, url
+        except httpx.HTTPError:
+            time.sleep(0.05)
+    proc.kill()
+    raise RuntimeError("the fake server did not start")
+
+
+# -- the plain client -----------------------------------------------------------------------------------------
+def payload(prompt, max_tokens: int) -> dict:
+    return {"model": MODEL_NAME, "prompt": prompt, "temperature": 0.0, "top_p": 1.0, "max_tokens": max_tokens,
+            "seed": SEED, "return_token_ids": True}
+
+
+def plain_solo(url: str, prompts: list[str], max_tokens: int) -> dict:
+    import httpx
+
+    tokens = 0
+    with httpx.Client(timeout=600) as client:
+        client.get(url + "/health")  # the connection is open before the clock starts, as evalhost's is
+        spans = []
+        w0, c0 = time.perf_counter(), time.process_time()
+        for p in prompts:
+            sent = time.time()
+            r = client.post(url + "/v1/completions", json=payload(p, max_tokens))
+            r.raise_for_status()
+            tokens += len(r.json()["choices"][0]["token_ids"])
+            spans.append((sent, time.time()))
+        wall, cpu = time.perf_counter() - w0, time.process_time() - c0
+    return {"units": len(prompts), "tokens": tokens, "wall_ms": 1000 * wall / len(prompts),
+            "cpu_ms": 1000 * cpu / len(prompts), "idle_ms": idle_ms(spans)}
+
+
+def plain_synchronized(url: str, groups: list[list[str]], max_tokens: int) -> dict:
+    import httpx
+
+    async def run() -> dict:
+        tokens = 0
+        limits = httpx.Limits(max_connections=None, max_keepalive_connections=256)
+        async with httpx.AsyncClient(timeout=600, limits=limits) as client:
+            async def one(p: str) -> int:
+                r = await client.post(url + "/v1/completions", json=payload(p, max_tokens))
+                r.raise_for_status()
+                return len(r.json()["choices"][0]["token_ids"])
+
+            await asyncio.gather(*(one(p) for p in groups[0]))  # warm connections, untimed
+            spans = []
+            w0, c0 = time.perf_counter(), time.process_time()
+            for prompts in groups:
+                sent = time.time()
+                tokens += sum(await asyncio.gather(*(one(p) for p in prompts)))
+                spans.append((sent, time.time()))
+            wall, cpu = time.perf_counter() - w0, time.process_time() - c0
+        return {"units": len(groups), "tokens": tokens, "wall_ms": 1000 * wall / len(groups),
+                "cpu_ms": 1000 * cpu / len(groups), "idle_ms": idle_ms(spans)}
+
+    return asyncio.run(run())
+
+
+def idle_ms(spans: list[tuple[float, float]]) -> float:
+    """Mean ms from one request's (group's) last answer to the next one's first send: the time a GPU would idle."""
+    spans = sorted(spans)
+    gaps = [b[0] - a[1] for a, b in zip(spans, spans[1:])]
+    return 1000 * statistics.fmean(gaps) if gaps else 0.0
+
+
+# -- evalhost -------------------------------------------------------------------------------------------------
+def write_study(root: Path, name: str, url: str, model_path: str, items, batch_size: int | None,
+                max_tokens: int) -> Path:
+    task = root / "bench_prompts.jsonl"
+    if not task.exists():
+        task.write_text("".join(json.dumps({"id": it.id, "prompt": it.prompt, "domain": it.domain,
+                                            "scorer": "refusal"}) + "\n" for it in items), encoding="utf-8")
+    dispatcher = "" if batch_size is None else f"""
+[[dispatchers]]
+name = "synchronized"
+batch_sizes = [{batch_size}]
+"""
+    study = root / f"{name}.toml"
+    study.write_text(f"""[study]
+name = "{name}"
+seed = {SEED}
+output_dir = {json.dumps(str(root / "runs"))}
+
+[sampling]
+temperature = 0.0
+max_tokens = {max_tokens}
+seed = {SEED}
+
+[[models]]
+name = "bench"
+path = {json.dumps(model_path)}
+
+[[backends]]
+name = "vllm"
+label = "attached"
+[backends.options]
+url = {json.dumps(url)}
+{dispatcher}
+[[tasks]]
+name = "bench"
+source = {json.dumps("jsonl:" + str(task))}
+""", encoding="utf-8")
+    return study
+
+
+def evalhost_run(study_path: Path, dispatcher: str, cache_dir: Path) -> dict:
+    """One run_study; host ms per group of ``dispatcher``'s cell, from the gaps between consecutive groups."""
+    import evalhost.runner as runner
+    from evalhost.study import load_study
+
+    os.environ["EVALHOST_SOLO_CACHE_DIR"] = str(cache_dir)
+    marks: list[tuple[str, float, float, int]] = []
+    original = runner.build_records
+
+    def marked(study, run_id, event, fid, scorers):
+        marks.append((event.job.dispatcher.label, time.perf_counter(), time.process_time(),
+                      sum(1 for _, role in event.job.members if role == "target")))
+        return original(study, run_id, event, fid, scorers)
+
+    runner.build_records = marked
+    try:
+        w0 = time.perf_counter()
+        run_study = runner.run_study
+        run_dir = run_study(load_study(study_path), progress=False, report=False, out=lambda s: None)
+        wall = time.perf_counter() - w0
+    finally:
+        runner.build_records = original
+    gaps = [(b[1] - a[1], b[2] - a[2]) for a, b in zip(marks, marks[1:]) if a[0] == b[0] == dispatcher]
+    from evalhost.records import iter_records
+
+    groups: dict[str, list[float]] = {}
+    for r in iter_records(Path(run_dir) / "records.jsonl"):
+        if r["dispatcher"] == dispatcher:
+            g = groups.setdefault(r["group_id"], [float("inf"), 0.0])
+            g[0], g[1] = min(g[0], r["timings"]["sent"]), max(g[1], r["timings"]["finished"])
+    return {"units": len(gaps), "wall_ms": 1000 * statistics.fmean(g[0] for g in gaps),
+            "cpu_ms": 1000 * statistics.fmean(g[1] for g in gaps), "idle_ms": idle_ms(list(map(tuple, groups.values()))),
+            "run_wall_s": wall, "run_dir": str(run_dir)}
+
+
+def profile(study: Path, dispatcher: str, cache: Path, out: Path, top: int = 40) -> list[dict]:
+    import yappi
+
+    yappi.set_clock_type("cpu")
+    yappi.clear_stats()
+    yappi.start(builtins=False)
+    try:
+        evalhost_run(study, dispatcher, cache)
+    finally:
+        yappi.stop()
+    stats = yappi.get_func_stats()
+    stats.sort("ttot", "desc")
+    with open(out, "w") as fh:
+        stats.print_all(out=fh, columns={0: ("name", 90), 1: ("ncall", 10), 2: ("tsub", 9), 3: ("ttot", 9)})
+    rows = [{"function": f"{Path(s.module).name}:{s.lineno}({s.name})", "calls": s.ncall,
+             "ttot_s": round(s.ttot, 4), "tsub_s": round(s.tsub, 4)} for s in stats[:top]]
+    yappi.clear_stats()
+    return rows
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--serve", type=int, default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--tokens", type=int, default=256, help="tokens per answer (and max_tokens)")
+    ap.add_argument("--prompts", type=int, default=288)
+    ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--model", default="builtin:smollm2-135m-instruct", help="model path (its tokenizer renders)")
+    ap.add_argument("--profile", default=None, help="directory for one yappi profile per mode")
+    ap.add_argument("--label", default=None, help="a name for this code state (e.g. before / after)")
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    if args.serve is not None:
+        serve(args.serve, args.tokens)
+        return 0
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from common import bench_items, context, emit, log, machine, median, model_spec
+
+    from evalhost.plan import make_groups
+    from evalhost.plugins.backends.vllm import VLLMBackend
+
+    root = Path(tempfile.mkdtemp(prefix="bench-host-fake-"))
+    proc, url = start_server(args.tokens, root)
+    try:
+        ctx = context(root)
+        attached = VLLMBackend(model_spec(args.model), {"url": url}, ctx)
+        attached.start()
+        items = bench_items(args.prompts)
+        rendered = [attached.render(it) for it in items]
+        by_id = dict(zip((it.id for it in items), rendered))
+        groups = [[by_id[it.id] for it, _ in g] for g in make_groups(items, args.batch_size, SEED, "bench")]
+        model_path = attached.model_path()
+        attached.close()
+        solo_study = write_study(root, "solo_only", url, model_path, items, None, args.tokens)
+        sync_study = write_study(root, "synchronized", url, model_path, items, args.batch_size, args.tokens)
+        sync_cache = root / "cache-sync"
+
+        log("warm-up: each pass once (fills the synchronized study's solo cache)")
+        evalhost_run(sync_study, "synchronized", sync_cache)
+        evalhost_run(solo_study, "solo", root / "cache-warm")
+        plain_solo(url, rendered, args.tokens)
+        plain_synchronized(url, groups, args.tokens)
+        import httpx
+
+        httpx.get(url + "/bodies")  # (reset is not needed: the shapes are what counts)
+
+        rows = []
+        for rep in range(args.reps):
+            row = {"plain_solo": plain_solo(url, rendered, args.tokens),
+                   "evalhost_solo": evalhost_run(solo_study, "solo", root / f"cache-solo-{rep}"),
+                   "plain_synchronized": plain_synchronized(url, groups, args.tokens),
+                   "evalhost_synchronized": evalhost_run(sync_study, "synchronized", sync_cache)}
+            rows.append(row)
+            log(f"rep {rep + 1}/{args.reps}: " + ", ".join(
+                f"{k} {v['wall_ms']:.2f} ms wall {v['cpu_ms']:.2f} cpu {v['idle_ms']:.2f} idle" for k, v in row.items()))
+        bodies = httpx.get(url + "/bodies").json()
+        profiles = None
+        if args.profile:
+            pdir = Path(args.profile)
+            pdir.mkdir(parents=True, exist_ok=True)
+            profiles = {"solo": profile(solo_study, "solo", root / "cache-profile", pdir / "solo.txt"),
+                        "synchronized": profile(sync_study, "synchronized", sync_cache, pdir / "synchronized.txt")}
+    finally:
+        proc.kill()
+        proc.wait()
+
+    result = {"bench": "host_overhead_fake", "label": args.label, **machine(), "prompts": args.prompts,
+              "tokens": args.tokens, "batch_size": args.batch_size, "groups": len(groups), "reps": args.reps,
+              "load_avg_1m_end": round(os.getloadavg()[0], 2)}
+    for mode, unit in (("solo", "request"), ("synchronized", "group")):
+        res = {"unit": unit}
+        for fig in ("wall_ms", "cpu_ms", "idle_ms"):
+            plain = median([r[f"plain_{mode}"][fig] for r in rows])
+            ours = median([r[f"evalhost_{mode}"][fig] for r in rows])
+            res[fig] = {"plain": round(plain, 3), "evalhost": round(ours, 3), "extra": round(ours - plain, 3),
+                        "per_rep": [[round(r[f"plain_{mode}"][fig], 3), round(r[f"evalhost_{mode}"][fig], 3)]
+                                    for r in rows]}
+        result[mode] = res
+    plain_keys = set(payload("x", args.tokens))
+    shapes = [dict(json.loads(k), count=v) for k, v in bodies.items()]
+    result["request_bodies"] = shapes
+    result["evalhost_keys_beyond_plain"] = sorted({k for s in shapes for k in s if k != "count"} - plain_keys)
+    if profiles is not None:
+        result["profile_top"] = profiles
+    emit(result, args.out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
