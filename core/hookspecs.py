@@ -39,6 +39,14 @@ def register_backends(register):
     and ``generate`` / ``agenerate`` / ``generate_solo_many`` through the dispatchers, ``fingerprint()`` and
     ``evidence()`` for the manifest, and ``close()`` at the end (also after an error). ``capabilities`` (a set of
     ``PROMPT_LIST``, ``CONCURRENT``, ``CONTINUOUS``) must cover each dispatcher's ``requires``.
+
+    Fleets (optional): ``solo_parallelism()`` > 1 lets ``generate_solo_many`` run that many solo prompts at once,
+    each alone on its own engine replica. ``fleet()``, called once after ``start()``, returns one backend object per
+    engine replica (this object first; default ``[self]``): the host then runs batch groups on them side by side,
+    ONE group at a time per replica (a group is never mixed with another group's or a solo prompt's requests in an
+    engine), in a thread per replica with a dispatcher object of its own, and yields their results in plan order;
+    each group's evidence gets ``fleet`` (its replica, and ``cobatch_as_planned``: false when its co-batching
+    verdict is not ``verified``, see :func:`evalhost.api.fleet_evidence`).
     """
 
 

