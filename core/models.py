@@ -242,26 +242,40 @@ def _build_builtin(name: str, log=print) -> Path:
     return out
 
 
-def resolve_model_path(path: str, log=print) -> str:
-    """Turn a study's model ``path`` into something ``from_pretrained`` / vLLM accept.
-
-    ``builtin:NAME`` -> cached converted checkpoint (converted on first use); an existing directory -> itself;
-    anything else that looks like ``owner/name`` -> a hub id, returned unchanged (the user must have access).
-    """
+def check_model_path(path: str) -> str:
+    """What :func:`resolve_model_path` will make of ``path``, checked without side effects (nothing converted,
+    merged or downloaded): ``"builtin"``, ``"local"`` or ``"hub"``; a path it would refuse raises the same
+    :class:`UserError` sentence. Backends call it at plan time (``Backend.check_model``)."""
     if path.startswith("builtin:"):
         name = path.split(":", 1)[1]
         if name not in BUILTIN_MODELS and name not in BUILTIN_ADAPTERS and name not in BUILTIN_PROMPTED:
             known = ", ".join([*BUILTIN_MODELS, *BUILTIN_ADAPTERS, *BUILTIN_PROMPTED])
             raise UserError(f"unknown built-in model '{name}'; built-in models: {known}")
-        return str(_builtin_path(name, log=log))
+        return "builtin"
     expanded = Path(path).expanduser()
     if expanded.exists():
-        if not (expanded / "config.json").is_file():
-            raise UserError(f"model path {expanded} has no config.json; point it at a transformers checkpoint directory")
-        return str(expanded.resolve())
+        if not expanded.is_dir() or not (expanded / "config.json").is_file():
+            raise UserError(f"model path {expanded} is not a checkpoint directory with a config.json; point it at a "
+                            f"transformers checkpoint directory")
+        return "local"
     if path.startswith((".", "/", "~")) or path.count("/") != 1:
         raise UserError(f"model path '{path}' does not exist; give a checkpoint directory, a hub id (owner/name), "
                         f"or builtin:smollm2-135m-instruct / builtin:smollm2-135m-refusal")
+    return "hub"
+
+
+def resolve_model_path(path: str, log=print) -> str:
+    """Turn a study's model ``path`` into something ``from_pretrained`` / vLLM accept.
+
+    ``builtin:NAME`` -> cached converted checkpoint (converted on first use); an existing directory -> itself;
+    anything else that looks like ``owner/name`` -> a hub id, returned unchanged (the user must have access).
+    Refused paths are those :func:`check_model_path` refuses, with its sentence.
+    """
+    kind = check_model_path(path)
+    if kind == "builtin":
+        return str(_builtin_path(path.split(":", 1)[1], log=log))
+    if kind == "local":
+        return str(Path(path).expanduser().resolve())
     return path
 
 

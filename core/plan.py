@@ -179,7 +179,11 @@ def check_plugins(study: Study, registry: Registry) -> None:
     (``evalhost run --dry-run`` says the same). The executor's options are checked where it is built
     (:func:`evalhost.runner.run_study`)."""
     for b in study.backends:
-        registry.get("backend", b.plugin).check_options(b.options)
+        cls = registry.get("backend", b.plugin)
+        cls.check_options(b.options)
+        for m in study.models:  # a model path the backend can never load: refused before a run directory exists
+            _prefixed(f"model '{m.name}' with backend '{b.label}'", lambda _o, m=m: cls.check_model(m, b.options),
+                      b.options)
     for d in study.dispatchers:
         cls = registry.get("dispatcher", d.plugin)
         cls.check_options(d.options)

@@ -199,6 +199,13 @@ class Backend:
     def check_options(cls, options: dict[str, Any]) -> None:
         """Raise :class:`evalhost.errors.UserError` for an unknown or ill-typed option (plan time)."""
 
+    @classmethod
+    def check_model(cls, model: ModelSpec, options: dict[str, Any]) -> None:
+        """Raise :class:`evalhost.errors.UserError` for a model this backend can never load (plan time, so
+        ``--dry-run`` says it before a run directory exists): no side effects, nothing converted or downloaded.
+        The default accepts every model; a backend that loads a local checkpoint calls
+        :func:`evalhost.api.check_model_path`."""
+
     def preflight(self) -> None:
         """Fail with one clear sentence if this backend cannot work on this machine (before any generation)."""
 

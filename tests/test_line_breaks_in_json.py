@@ -52,3 +52,45 @@ source = "builtin:benign"
     assert exit_.value.code == 2, err
     assert "temperature" in err and "finite" in err and "Traceback" not in err
     assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("path, fragment", [
+    ("/proc/self/status", "is not a checkpoint directory with a config.json"),
+    ("./no-such-checkpoint", "does not exist"),
+    ("builtin:no-such-model", "unknown built-in model 'no-such-model'"),
+])
+@pytest.mark.parametrize("backend", ["hf", "vllm"])
+def test_a_model_path_no_backend_can_load_is_refused_by_dry_run(tmp_path, capsys, path, fragment, backend):
+    """--dry-run refuses the model path the real run would refuse, before a run directory exists."""
+    from evalhost.cli import main
+
+    study = tmp_path / "s.toml"
+    study.write_text(f'''[study]
+name = "s"
+output_dir = "{tmp_path / "runs"}"
+[[models]]
+name = "m"
+path = "{path}"
+[[backends]]
+name = "{backend}"
+[[dispatchers]]
+name = "prompt_list"
+batch_sizes = [2]
+[[tasks]]
+name = "t"
+source = "builtin:benign"
+''')
+    for args in (["run", str(study), "--dry-run"], ["run", str(study), "--quiet"]):
+        with pytest.raises(SystemExit) as exit_:
+            main(args)
+        err = capsys.readouterr().err
+        assert exit_.value.code == 2, err
+        assert fragment in err and "model 'm'" in err and "Traceback" not in err
+    assert not (tmp_path / "runs").exists()  # nothing written
+
+
+def test_a_hub_id_and_a_builtin_pass_the_plan_check(tmp_path):
+    from evalhost.api import check_model_path
+
+    assert check_model_path("builtin:smollm2-135m-instruct") == "builtin"
+    assert check_model_path("HuggingFaceTB/SmolLM2-135M-Instruct") == "hub"  # checked only when loaded

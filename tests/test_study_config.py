@@ -50,7 +50,7 @@ BAD = [
     (edit('max_tokens = 32', 'max_tokens = "32"'), "'sampling.max_tokens' must be an integer, got str '32'"),
     (edit('max_tokens = 32', 'max_tokens = 0'), "'sampling.max_tokens' must be between 1 and 131072 (got 0)"),
     (edit('max_tokens = 32', 'max_tokens = 99999999'), "'sampling.max_tokens' must be between 1 and 131072"),
-    (edit('temperature = 0.0', 'temperature = -1.0'), "'sampling.temperature' must not be negative (got -1.0)"),
+    (edit('temperature = 0.0', 'temperature = -1.0'), "'sampling.temperature' must be a finite number, not negative (got -1.0)"),
     (edit('batch_sizes = [4]', 'batch_sizes = [-2]'), "'dispatchers[0].batch_sizes' must hold integers between 1"),
     (edit('batch_sizes = [4]', 'batch_sizes = []'), "'dispatchers[0].batch_sizes' must list at least one batch size"),
     (edit('batch_sizes = [4]', 'batch_sizes = 4'), "'dispatchers[0].batch_sizes' must be a list, got int 4"),

@@ -25,7 +25,8 @@ import platform
 import time
 from typing import Any
 
-from evalhost.api import PROMPT_LIST, Backend, Generation, hookimpl, Sampling, TaskItem, UserError
+from evalhost.api import (PROMPT_LIST, Backend, Generation, hookimpl, Sampling, TaskItem, UserError,
+                          check_model_path)
 
 from .completions import check_option_keys
 
@@ -45,6 +46,10 @@ class HFBackend(Backend):
         "flush_denormal": bool,
         "label": str,
     }
+
+    @classmethod
+    def check_model(cls, model, options: dict[str, Any]) -> None:
+        check_model_path(model.path)  # loaded in this process: a path it can never load is refused at plan time
 
     @classmethod
     def check_options(cls, options: dict[str, Any]) -> None:

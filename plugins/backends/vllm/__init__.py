@@ -51,7 +51,7 @@ from __future__ import annotations
 import threading
 from typing import Any
 
-from evalhost.api import CONCURRENT, CONTINUOUS, PROMPT_LIST, hookimpl
+from evalhost.api import CONCURRENT, CONTINUOUS, PROMPT_LIST, check_model_path, hookimpl
 from evalhost.plugins.backends.completions import CompletionsBackend
 from evalhost.plugins.backends.server import ManagedServer
 
@@ -79,6 +79,10 @@ class VLLMBackend(Lifecycle, Fleet, ServerConfig, Provenance, CompletionsBackend
     @classmethod
     def check_options(cls, options: dict[str, Any]) -> None:
         check_server_options(cls.plugin_name, options, cls.OPTIONS)
+
+    @classmethod
+    def check_model(cls, model, options: dict[str, Any]) -> None:
+        check_model_path(model.path)  # the server loads it (or, attached, its tokenizer renders the prompts)
 
     def __init__(self, model, options, context) -> None:
         super().__init__(model, options, context)
