@@ -14,8 +14,9 @@ says so. Two things are taken as given instead of re-derived:
 * each plugin's own option rules: a plugin's ``check_options`` is the specification of its options (tested with the
   plugin); the host's part, tested here, is that a refusal becomes exit 2 with one sentence.
 
-A dry run does not resolve model paths (that may convert or download a model); only the schema's rule (a non-empty
-string) applies to ``models[].path`` here.
+A dry run does not resolve model paths (that may convert or download a model); beyond the schema's rule (a non-empty
+string), a backend's own ``check_model`` (side-effect free, tested with the backend: ``evalhost.api.check_model_path``)
+is the specification of the model paths it accepts, as ``check_options`` is of its options.
 """
 from __future__ import annotations
 
@@ -42,6 +43,20 @@ NAME_CHARS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789
 
 
 # ------------------------------------------------------------------------------------------------ study files
+def _model_problem(registry, plugin: str, options: dict, models: list[dict]) -> str | None:
+    """The backend's ``check_model`` refuses one of the study's model paths (its rule is taken as given)."""
+    from evalhost.errors import UserError
+    from evalhost.types import ModelSpec
+
+    cls = registry.find("backend", plugin).cls
+    for m in models:
+        try:
+            cls.check_model(ModelSpec(m["name"], m["path"], m.get("dtype"), m.get("alignment_type")), dict(options))
+        except UserError:
+            return "a model path the backend cannot load"
+    return None
+
+
 def _number(v):
     return isinstance(v, (int, float)) and not isinstance(v, bool)
 
@@ -309,6 +324,9 @@ def study_problem(text: str, registry, study_dir: Path) -> str | None:
     # plugins: they exist and take their options; a dispatcher's needs are capabilities of every backend
     for _label_, plugin, options in configs:
         why = _plugin_problem(registry, "backend", plugin, options)
+        if why:
+            return why
+        why = _model_problem(registry, plugin, options, data["models"])
         if why:
             return why
     for d in dispatchers:
