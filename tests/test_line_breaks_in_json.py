@@ -58,6 +58,8 @@ source = "builtin:benign"
     ("/proc/self/status", "is not a checkpoint directory with a config.json"),
     ("./no-such-checkpoint", "does not exist"),
     ("builtin:no-such-model", "unknown built-in model 'no-such-model'"),
+    ("~nosuchuser-evalhost/ckpt", "no user of that name has a home here"),
+    ("/" + "x" * 300, "cannot be used"),
 ])
 @pytest.mark.parametrize("backend", ["hf", "vllm"])
 def test_a_model_path_no_backend_can_load_is_refused_by_dry_run(tmp_path, capsys, path, fragment, backend):
