@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import queue
 import threading
+import time
 from typing import Any, Callable, Iterator, Mapping
 
 from .cobatch import VERIFIED, VERDICTS, generic_verdict
@@ -120,11 +121,12 @@ class GroupFleet:
                 self._cv.notify_all()
 
     def close(self, timeout: float = 30.0) -> None:
-        """Start nothing more; wait up to ``timeout`` s for the groups in flight (stop their engines first to cut
+        """Start nothing more; wait up to ``timeout`` s in all for the groups in flight (stop their engines first to cut
         that short). Safe to call twice."""
         with self._cv:
             self._failed = True
         for _ in self._threads:
             self._todo.put(_STOP)
+        deadline = time.monotonic() + timeout
         for t in self._threads:
-            t.join(timeout)
+            t.join(max(0.0, deadline - time.monotonic()))
