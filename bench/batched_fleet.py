@@ -49,6 +49,11 @@ def study_toml(args, tasks: list[tuple[str, str]], backend_options: dict, out: P
         bs = json.dumps([int(b) for b in args.batch_sizes.split(",")])
         dispatchers = (f'[[dispatchers]]\nname = "prompt_list"\nbatch_sizes = {bs}\n\n'
                        f'[[dispatchers]]\nname = "synchronized"\nbatch_sizes = {bs}\n')
+    model = args.model
+    if args.fake:  # a checkpoint directory the fake engines never read (chat_template = false)
+        (out.parent / "model").mkdir(parents=True, exist_ok=True)
+        (out.parent / "model" / "config.json").write_text("{}")
+        model = out.parent / "model"
     task_blocks = "\n".join(f'[[tasks]]\nname = "{name}"\nsource = "{source}"\n' for name, source in tasks)
     return f"""
 [study]
@@ -62,7 +67,7 @@ max_tokens = {args.max_tokens}
 
 [[models]]
 name = "smollm2-135m-instruct"
-path = "{"none" if args.fake else args.model}"
+path = "{model}"
 
 [[backends]]
 name = "vllm"

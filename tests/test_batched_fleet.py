@@ -49,6 +49,9 @@ def write_tasks(path: Path, n: int) -> Path:
 def study(tmp_path: Path, backend_options: str, n_items: int = 12, dispatchers: str | None = None,
           backend: str = "vllm") -> str:
     tasks = write_tasks(tmp_path / "tasks.jsonl", n_items)
+    checkpoint = tmp_path / "model"  # a model directory (the fake servers never read it; chat_template = false)
+    checkpoint.mkdir(exist_ok=True)
+    (checkpoint / "config.json").write_text("{}")
     dispatchers = dispatchers or """
 [[dispatchers]]
 name = "prompt_list"
@@ -74,7 +77,7 @@ max_tokens = 8
 
 [[models]]
 name = "fake"
-path = "none"
+path = "{checkpoint}"
 
 [[backends]]
 name = "{backend}"
