@@ -33,7 +33,7 @@ from evalhost.testing import FakeServer, register_module, run_study_in
 from evalhost.types import ModelSpec, RunContext
 from evalhost.validate import validate_run
 
-LATENCY = 0.25
+LATENCY = 0.4  # long enough for the /metrics sampler to see a group running on loaded cores
 # may differ between runs: the run, its timings and evidence, the stack (urls, replicas) and the replica in extra
 SAME = ("run_id", "timings", "dispatch_evidence", "fingerprint_id", "backend_extra", "backend_config")
 
