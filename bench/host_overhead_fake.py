@@ -2,7 +2,9 @@
 httpx client, both against a fake OpenAI-compatible server that answers at once with ``--tokens`` tokens, so every
 second measured is host time (the client's and the server's; the server's is the same for both clients).
 
-    python bench/host_overhead_fake.py --prompts 288 --tokens 256 --batch-size 64 --reps 5 \\
+    python bench/host_overhead_fake.py --prompts 288 --tokens 256 --batch-size 64 --reps 3 --label after \
+        --out bench/results/cpu-host-overhead-fake-after-1.json
+    python bench/host_overhead_fake.py --summarize bench/results/cpu-host-overhead-fake-*.json \
         --out bench/results/cpu-host-overhead-fake.json
 
 Per repetition, alternating (so that background load hits both alike):
@@ -12,16 +14,20 @@ Per repetition, alternating (so that background load hits both alike):
   cell every study has), backend ``vllm`` attached with ``url``; a fresh private solo cache (misses and puts, as a
   first run on a new stack does);
 * plain synchronized: one ``httpx.AsyncClient``; per group its prompts as concurrent requests (``asyncio.gather``),
-  groups one after another;
+  groups one after another; ``plain16``: the same over 16 clients in turn (the pool layout evalhost now uses);
 * evalhost synchronized: the same study with dispatcher ``synchronized`` at ``--batch-size`` (groups of
-  :func:`evalhost.plan.make_groups`, seed 42); its solo cell is served from a private solo cache filled once before.
+  :func:`evalhost.plan.make_groups`, seed 42; ``/metrics`` sampled, the default); its solo cell is served from a
+  private solo cache filled once before.
 
 Host time per solo request and per group: the plain client's is its loop's time / requests (groups). evalhost's is
 taken between the driver's consecutive ``GroupDone`` events of one cell (the bench wraps
 ``evalhost.runner.build_records``, which the driver calls once per group): each gap holds the previous group's
 scoring, record writes and fsync and the next group's dispatch, as the GPU run pays them; the cell's first group and
-the run's one-time setup (plugins, tokenizer, attach checks) are left out. Both as wall seconds and as CPU seconds
-of this process (all threads: ``time.process_time``), which a loaded machine disturbs less than wall time.
+the run's one-time setup (plugins, tokenizer, attach checks) are left out. As wall ms, as CPU ms of this process (all
+threads: ``time.process_time``, which a loaded machine disturbs less), and as ``idle_ms``: from one request's (group's)
+last recorded answer to the next one's first send, the time an engine would sit idle. ``ratio``: plain / evalhost
+wall time (the issue's tokens/s ratio). ``--latency-ms`` makes the server answer after that long (concurrent
+requests wait together, as on an engine), a GPU-like shape.
 
 The fake server also keeps every distinct request body shape (keys and values other than ``prompt``), so the JSON
 line says exactly what evalhost asks the server for beyond the plain client. ``--profile DIR`` runs one more
@@ -34,122 +40,16 @@ import argparse
 import asyncio
 import json
 import os
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).parent))
+from fake_engine_server import MODEL_NAME, start_server  # noqa: E402
+
 SEED = 42
-MODEL_NAME = "fake-model"
-
-
-# -- the fake server (its own process: `python bench/host_overhead_fake.py --serve PORT --tokens N`) --------------
-def serve(port: int, tokens: int) -> None:
-    """A minimal asyncio HTTP/1.1 server with keep-alive: /health, /version, /v1/models, /metrics (the requests in
-    flight), POST /v1/completions (each prompt answered at once with ``tokens`` tokens), GET /bodies (the distinct
-    request bodies seen, without their prompts, with counts)."""
-    text = "".join(f" w{i % 97}" for i in range(tokens))
-    ids = [1000 + i % 97 for i in range(tokens)]
-    bodies: dict[str, int] = {}
-    running = 0
-
-    def answer(code: int, body: bytes, ctype: str = "application/json") -> bytes:
-        return (f"HTTP/1.1 {code} OK\r\nContent-Type: {ctype}\r\nContent-Length: {len(body)}\r\n\r\n").encode() + body
-
-    def completions(req: dict) -> bytes:
-        shape = {k: v for k, v in req.items() if k != "prompt"}
-        shape["prompt"] = "list" if isinstance(req.get("prompt"), list) else "str"
-        key = json.dumps(shape, sort_keys=True)
-        bodies[key] = bodies.get(key, 0) + 1
-        prompts = req["prompt"] if isinstance(req["prompt"], list) else [req["prompt"]]
-        n = min(int(req.get("max_tokens") or tokens), tokens)
-        choices = []
-        for i, _ in enumerate(prompts):
-            c = {"index": i, "text": text if n == tokens else "".join(f" w{j % 97}" for j in range(n)),
-                 "logprobs": None, "finish_reason": "length", "stop_reason": None, "prompt_logprobs": None}
-            if req.get("return_token_ids"):
-                c["token_ids"] = ids[:n]
-                c["prompt_token_ids"] = None
-            if req.get("logprobs") is not None:
-                c["logprobs"] = {"token_logprobs": [-0.5] * n, "tokens": [f"w{j}" for j in range(n)],
-                                 "top_logprobs": [{f"w{j}": -0.5} for j in range(n)], "text_offset": list(range(n))}
-            choices.append(c)
-        out = {"id": "cmpl-fake", "object": "text_completion", "created": 0, "model": req.get("model"),
-               "choices": choices, "usage": {"prompt_tokens": 1, "total_tokens": n + 1, "completion_tokens": n}}
-        return json.dumps(out).encode()
-
-    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        nonlocal running
-        try:
-            while True:
-                head = await reader.readuntil(b"\r\n\r\n")
-                lines = head.decode("latin-1").split("\r\n")
-                method, path = lines[0].split(" ")[:2]
-                length = 0
-                for line in lines[1:]:
-                    if line.lower().startswith("content-length:"):
-                        length = int(line.split(":", 1)[1])
-                body = await reader.readexactly(length) if length else b""
-                if method == "POST" and path == "/v1/completions":
-                    running += 1
-                    try:
-                        data = completions(json.loads(body))
-                    finally:
-                        running -= 1
-                    writer.write(answer(200, data))
-                elif path == "/health":
-                    writer.write(answer(200, b"", "text/plain"))
-                elif path == "/version":
-                    writer.write(answer(200, b'{"version": "fake-tokens"}'))
-                elif path == "/v1/models":
-                    writer.write(answer(200, json.dumps({"data": [{"id": MODEL_NAME, "max_model_len": 4096}]})
-                                        .encode()))
-                elif path == "/metrics":
-                    writer.write(answer(200, f"vllm:num_requests_running {running}\n".encode(), "text/plain"))
-                elif path == "/bodies":
-                    writer.write(answer(200, json.dumps(bodies).encode()))
-                else:
-                    writer.write(answer(404, b"{}"))
-                await writer.drain()
-        except (asyncio.IncompleteReadError, ConnectionError):
-            pass
-        finally:
-            writer.close()
-
-    async def main() -> None:
-        server = await asyncio.start_server(handle, "127.0.0.1", port, backlog=1024)
-        print("ready", flush=True)
-        async with server:
-            await server.serve_forever()
-
-    asyncio.run(main())
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start_server(tokens: int, logdir: Path) -> tuple[subprocess.Popen, str]:
-    import httpx
-
-    port = free_port()
-    log = open(logdir / "fake-server.log", "ab")
-    proc = subprocess.Popen([sys.executable, __file__, "--serve", str(port), "--tokens", str(tokens)],
-                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    for _ in range(400):
-        try:
-            if httpx.get(url + "/health", timeout=1).status_code == 200:
-                return proc, url
-        except httpx.HTTPError:
-            time.sleep(0.05)
-    proc.kill()
-    raise RuntimeError("the fake server did not start")
 
 
 # -- the plain client -----------------------------------------------------------------------------------------
@@ -177,14 +77,19 @@ def plain_solo(url: str, prompts: list[str], max_tokens: int) -> dict:
             "cpu_ms": 1000 * cpu / len(prompts), "idle_ms": idle_ms(spans)}
 
 
-def plain_synchronized(url: str, groups: list[list[str]], max_tokens: int) -> dict:
+def plain_synchronized(url: str, groups: list[list[str]], max_tokens: int, pools: int = 1) -> dict:
+    """``pools`` > 1: the requests spread over that many ``httpx.AsyncClient`` in turn, as evalhost's async shell
+    now does (httpcore's pool costs time quadratic in the requests it holds)."""
     import httpx
 
     async def run() -> dict:
         tokens = 0
         limits = httpx.Limits(max_connections=None, max_keepalive_connections=256)
-        async with httpx.AsyncClient(timeout=600, limits=limits) as client:
+        clients = [httpx.AsyncClient(timeout=600, limits=limits) for _ in range(pools)]
+        turn = iter(range(10**9))
+        try:
             async def one(p: str) -> int:
+                client = clients[next(turn) % pools]
                 r = await client.post(url + "/v1/completions", json=payload(p, max_tokens))
                 r.raise_for_status()
                 return len(r.json()["choices"][0]["token_ids"])
@@ -197,6 +102,9 @@ def plain_synchronized(url: str, groups: list[list[str]], max_tokens: int) -> di
                 tokens += sum(await asyncio.gather(*(one(p) for p in prompts)))
                 spans.append((sent, time.time()))
             wall, cpu = time.perf_counter() - w0, time.process_time() - c0
+        finally:
+            for client in clients:
+                await client.aclose()
         return {"units": len(groups), "tokens": tokens, "wall_ms": 1000 * wall / len(groups),
                 "cpu_ms": 1000 * cpu / len(groups), "idle_ms": idle_ms(spans)}
 
@@ -305,30 +213,71 @@ def profile(study: Path, dispatcher: str, cache: Path, out: Path, top: int = 40)
     return rows
 
 
+def summarize(paths: list[str]) -> dict:
+    """Medians over every repetition of the result files given, per ``label`` (e.g. before / after) and
+    ``latency_ms``: the A/B summary committed as ``bench/results/cpu-host-overhead-fake.json``."""
+    by: dict[tuple, dict] = {}
+    for path in paths:
+        r = json.loads(Path(path).read_text())
+        for mode in ("solo", "synchronized"):
+            if mode not in r:
+                continue
+            cell = by.setdefault((r["latency_ms"], mode, r["label"]), {"files": [], "load_avg_1m": []})
+            cell["files"].append(Path(path).name)
+            cell["load_avg_1m"].append(r["load_avg_1m"])
+            for fig in ("wall_ms", "cpu_ms", "idle_ms"):
+                for plain, ours in r[mode][fig]["per_rep"]:
+                    cell.setdefault(fig, {"plain": [], "evalhost": []})
+                    cell[fig]["plain"].append(plain)
+                    cell[fig]["evalhost"].append(ours)
+                if "plain16" in r[mode]:
+                    cell[fig].setdefault("plain16", []).extend(r[mode]["plain16"][fig]["per_rep"])
+    out: dict = {"bench": "host_overhead_fake summary", "unit": {"solo": "ms per request", "synchronized":
+                 "ms per group"}, "cells": []}
+    for (latency, mode, label), cell in sorted(by.items(), key=lambda kv: (kv[0][0], kv[0][1], str(kv[0][2]))):
+        row = {"latency_ms": latency, "mode": mode, "label": label, "files": cell["files"],
+               "reps": len(cell["wall_ms"]["plain"]), "load_avg_1m": cell["load_avg_1m"]}
+        for fig in ("wall_ms", "cpu_ms", "idle_ms"):
+            row[fig] = {k: round(statistics.median(v), 3) for k, v in cell[fig].items()}
+        for ref in ("plain", "plain16"):
+            if ref in cell["wall_ms"]:
+                row["ratio" if ref == "plain" else "ratio_vs_plain16"] = round(statistics.median(
+                    p / o for p, o in zip(cell["wall_ms"][ref], cell["wall_ms"]["evalhost"])), 4)
+        out["cells"].append(row)
+    return out
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--serve", type=int, default=None, help=argparse.SUPPRESS)
     ap.add_argument("--tokens", type=int, default=256, help="tokens per answer (and max_tokens)")
+    ap.add_argument("--latency-ms", type=float, default=0.0,
+                    help="the fake server answers after this long (an engine's time; 0: at once, all host time)")
     ap.add_argument("--prompts", type=int, default=288)
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--modes", default="solo,synchronized", help="which passes to run (comma-separated)")
     ap.add_argument("--model", default="builtin:smollm2-135m-instruct", help="model path (its tokenizer renders)")
     ap.add_argument("--profile", default=None, help="directory for one yappi profile per mode")
     ap.add_argument("--label", default=None, help="a name for this code state (e.g. before / after)")
     ap.add_argument("--out", default=None)
+    ap.add_argument("--summarize", nargs="+", default=None, metavar="RESULT.json",
+                    help="no run: medians over the repetitions of these result files, per label and latency")
     args = ap.parse_args()
-    if args.serve is not None:
-        serve(args.serve, args.tokens)
+    modes = [m for m in args.modes.split(",") if m]
+    if args.summarize:
+        line = json.dumps(summarize(args.summarize), sort_keys=True)
+        print(line)
+        if args.out:
+            Path(args.out).write_text(line + "\n", encoding="utf-8")
         return 0
 
-    sys.path.insert(0, str(Path(__file__).parent))
     from common import bench_items, context, emit, log, machine, median, model_spec
 
     from evalhost.plan import make_groups
     from evalhost.plugins.backends.vllm import VLLMBackend
 
     root = Path(tempfile.mkdtemp(prefix="bench-host-fake-"))
-    proc, url = start_server(args.tokens, root)
+    proc, url = start_server(args.tokens, root, args.latency_ms)
     try:
         ctx = context(root)
         attached = VLLMBackend(model_spec(args.model), {"url": url}, ctx)
@@ -345,19 +294,22 @@ def main() -> int:
 
         log("warm-up: each pass once (fills the synchronized study's solo cache)")
         evalhost_run(sync_study, "synchronized", sync_cache)
-        evalhost_run(solo_study, "solo", root / "cache-warm")
-        plain_solo(url, rendered, args.tokens)
-        plain_synchronized(url, groups, args.tokens)
+        passes = {"plain_solo": lambda rep: plain_solo(url, rendered, args.tokens),
+                  "evalhost_solo": lambda rep: evalhost_run(solo_study, "solo", root / f"cache-solo-{rep}"),
+                  "plain_synchronized": lambda rep: plain_synchronized(url, groups, args.tokens),
+                  "evalhost_synchronized": lambda rep: evalhost_run(sync_study, "synchronized", sync_cache),
+                  "plain16_synchronized": lambda rep: plain_synchronized(url, groups, args.tokens, pools=16)}
+        passes = {k: f for k, f in passes.items() if k.split("_", 1)[1] in modes}
+        for name, run in passes.items():
+            if name != "evalhost_synchronized":
+                run("warm")
         import httpx
 
         httpx.get(url + "/bodies")  # (reset is not needed: the shapes are what counts)
 
         rows = []
         for rep in range(args.reps):
-            row = {"plain_solo": plain_solo(url, rendered, args.tokens),
-                   "evalhost_solo": evalhost_run(solo_study, "solo", root / f"cache-solo-{rep}"),
-                   "plain_synchronized": plain_synchronized(url, groups, args.tokens),
-                   "evalhost_synchronized": evalhost_run(sync_study, "synchronized", sync_cache)}
+            row = {name: run(rep) for name, run in passes.items()}
             rows.append(row)
             log(f"rep {rep + 1}/{args.reps}: " + ", ".join(
                 f"{k} {v['wall_ms']:.2f} ms wall {v['cpu_ms']:.2f} cpu {v['idle_ms']:.2f} idle" for k, v in row.items()))
@@ -366,23 +318,38 @@ def main() -> int:
         if args.profile:
             pdir = Path(args.profile)
             pdir.mkdir(parents=True, exist_ok=True)
-            profiles = {"solo": profile(solo_study, "solo", root / "cache-profile", pdir / "solo.txt"),
-                        "synchronized": profile(sync_study, "synchronized", sync_cache, pdir / "synchronized.txt")}
+            profiles = {}
+            if "solo" in modes:
+                profiles["solo"] = profile(solo_study, "solo", root / "cache-profile", pdir / "solo.txt")
+            if "synchronized" in modes:
+                profiles["synchronized"] = profile(sync_study, "synchronized", sync_cache, pdir / "synchronized.txt")
     finally:
         proc.kill()
         proc.wait()
 
-    result = {"bench": "host_overhead_fake", "label": args.label, **machine(), "prompts": args.prompts,
+    result = {"bench": "host_overhead_fake", "label": args.label, **machine(), "latency_ms": args.latency_ms,
+              "prompts": args.prompts,
               "tokens": args.tokens, "batch_size": args.batch_size, "groups": len(groups), "reps": args.reps,
               "load_avg_1m_end": round(os.getloadavg()[0], 2)}
     for mode, unit in (("solo", "request"), ("synchronized", "group")):
-        res = {"unit": unit}
+        if mode not in modes:
+            continue
+        res = {"unit": unit,
+               # tokens/s of evalhost / the plain client's, the issue's goal figure (>= 0.97 on the GPU)
+               "ratio": round(median([r[f"plain_{mode}"]["wall_ms"] / r[f"evalhost_{mode}"]["wall_ms"] for r in rows]),
+                              4)}
         for fig in ("wall_ms", "cpu_ms", "idle_ms"):
             plain = median([r[f"plain_{mode}"][fig] for r in rows])
             ours = median([r[f"evalhost_{mode}"][fig] for r in rows])
             res[fig] = {"plain": round(plain, 3), "evalhost": round(ours, 3), "extra": round(ours - plain, 3),
                         "per_rep": [[round(r[f"plain_{mode}"][fig], 3), round(r[f"evalhost_{mode}"][fig], 3)]
                                     for r in rows]}
+        if f"plain16_{mode}" in rows[0]:  # the plain client with evalhost's 16 pools: the tighter reference
+            res["plain16"] = {fig: {"median": round(median([r[f"plain16_{mode}"][fig] for r in rows]), 3),
+                                    "per_rep": [round(r[f"plain16_{mode}"][fig], 3) for r in rows]}
+                              for fig in ("wall_ms", "cpu_ms", "idle_ms")}
+            res["ratio_vs_plain16"] = round(median([r[f"plain16_{mode}"]["wall_ms"] / r[f"evalhost_{mode}"]["wall_ms"]
+                                                    for r in rows]), 4)
         result[mode] = res
     plain_keys = set(payload("x", args.tokens))
     shapes = [dict(json.loads(k), count=v) for k, v in bodies.items()]
