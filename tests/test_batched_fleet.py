@@ -362,3 +362,16 @@ def test_managed_replicas_start_with_their_gpu(tmp_path, monkeypatch):
         assert [len(fleet.fleet()), fleet.fleet()[0]] == [3, fleet]
     finally:
         fleet.close()
+
+
+def test_a_ray_actor_asks_for_one_gpu_per_device_of_its_fleet(tmp_path, monkeypatch):
+    """Under the ray executor a fleet spread over ``devices`` must own those GPUs: its actor asks Ray for one GPU
+    per distinct device (Ray then sets the actor's CUDA_VISIBLE_DEVICES to them); one engine asks for one."""
+    import evalhost.plugins.backends.vllm as vllm_pkg
+
+    monkeypatch.setattr(vllm_pkg, "cuda_available", lambda: True)
+    spread = VLLMBackend(model(tmp_path), {"replicas": 4, "devices": [0, 1]}, ctx(tmp_path))
+    assert spread.resources() == {"num_cpus": 1, "num_gpus": 2}
+    assert VLLMBackend(model(tmp_path), {"replicas": 4}, ctx(tmp_path)).resources() == {"num_cpus": 1, "num_gpus": 1}
+    monkeypatch.setattr(vllm_pkg, "cuda_available", lambda: False)
+    assert spread.resources() == {"num_cpus": 1}

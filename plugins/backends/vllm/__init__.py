@@ -97,7 +97,12 @@ class VLLMBackend(Lifecycle, Fleet, ServerConfig, Provenance, CompletionsBackend
         self._replicas: list[VLLMBackend] = []  # replicas 1..N-1 of a solo fleet (replica 0 is this object)
 
     def resources(self) -> dict[str, float]:
-        return {"num_cpus": 1, "num_gpus": 1} if cuda_available() else {"num_cpus": 1}
+        """What a Ray actor running this backend asks for: one GPU, or with ``devices`` (a fleet spread over GPUs)
+        one per distinct device listed; Ray then gives the actor that many and ``devices`` counts within them."""
+        if not cuda_available():
+            return {"num_cpus": 1}
+        devices = self.options.get("devices") if self.managed else None
+        return {"num_cpus": 1, "num_gpus": len({int(d) for d in devices}) if devices else 1}
 
 
 class VLLMInvariantBackend(BatchInvariance, VLLMBackend):
