@@ -21,9 +21,10 @@ Definitions
   ``unpaired_batch``.
 * A pair is *comparable* when both sides have no error (``finish_reason != "error"``, no ``scorer_error``), both
   are labelled (and, with ``flip_on="score"``, both scored) and both have the same ``prompt_sha256``.  Otherwise
-  ``not_comparable`` is the first of ``error`` / ``unlabelled`` / ``prompt_mismatch``.  **Every rate is over
-  comparable pairs**; the rest are counted per reason in ``not_comparable`` (overall, per backend in the
-  headline, per breakdown row, per cell).  ``ok`` (legacy) equals ``comparable``.
+  ``not_comparable`` is the first of ``missing`` (a side is a placeholder, ``finish_reason == "missing"``, for a
+  sample an imported file lacks; a key only where it occurs) / ``error`` / ``unlabelled`` / ``prompt_mismatch``.
+  **Every rate is over comparable pairs**; the rest are counted per reason in ``not_comparable`` (overall, per
+  backend in the headline, per breakdown row, per cell).  ``ok`` (legacy) equals ``comparable``.
 * ``label_flip``: solo label != batch label; ``score_flip``: solo score != batch score (both raw).  ``flip``: a
   comparable pair whose label (``flip_on="label"``, default) or score (``flip_on="score"``) changed.  Rates named
   ``label_flips`` count ``flip`` (so under ``flip_on="score"`` they are score flips; ``summary["flip_on"]`` says

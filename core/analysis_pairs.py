@@ -10,7 +10,10 @@ Definitions (the public ones are repeated in :mod:`evalhost.analysis`'s docstrin
 * A pair is *comparable* when both sides have no error (``finish_reason != "error"`` and no ``scorer_error``),
   both are labelled (``label`` not None; with ``flip_on="score"`` also ``score`` not None), and their
   ``prompt_sha256`` agree (when both have one).  Otherwise ``not_comparable`` names the first reason of
-  ``error``, ``unlabelled``, ``prompt_mismatch`` that applies.  Every rate counts comparable pairs only.
+  ``missing``, ``error``, ``unlabelled``, ``prompt_mismatch`` that applies.  Every rate counts comparable pairs
+  only.  ``missing``: a side is a placeholder for a sample its source never had (``finish_reason == "missing"``,
+  written by the lm-eval / inspect bridges of ``evalhost import`` when a sample is in only one of the two files);
+  it is counted only when it occurs, so the ``not_comparable`` counts of other runs keep their four keys.
 * ``label_flip`` / ``score_flip``: the raw label / score change.  ``flip``: the flip the rates use, i.e. a
   comparable pair whose label (``flip_on="label"``) or score (``flip_on="score"``) changed.
 * ``flip_kind`` (of a ``flip``): ``parse_failure`` when either label is ``unparsed`` or either output text is empty
@@ -34,6 +37,8 @@ from .errors import UserError
 
 PAIR_KEY = ("model", "backend", "task", "item_id")
 REASONS = ("error", "unlabelled", "prompt_mismatch")
+MISSING = "missing"  # finish_reason of a placeholder record: the sample is not in that side's source
+OCCASIONAL_REASONS = (MISSING,)  # counted (a key in not_comparable) only when a pair has it
 NOT_COMPARABLE_KEYS = REASONS + ("duplicate",)
 FLIP_MODES = ("label", "score")
 _ID_FIELDS = ("key", "study", "phase", "run_id", "cell", "model", "backend", "backend_plugin", "dispatcher",
@@ -196,6 +201,8 @@ def _errored(rec: Mapping[str, Any]) -> bool:
 
 
 def not_comparable_reason(solo: Mapping[str, Any], batch: Mapping[str, Any], flip_on: str = "label") -> str | None:
+    if solo.get("finish_reason") == MISSING or batch.get("finish_reason") == MISSING:
+        return MISSING
     if _errored(solo) or _errored(batch):
         return "error"
     if solo.get("label") is None or batch.get("label") is None:
@@ -295,7 +302,7 @@ class RateCounts:
     def add(self, p: Mapping[str, Any]) -> "RateCounts":
         self.formed += 1
         reason = p.get("not_comparable")
-        if reason in self.reasons or reason in cobatch.VERDICTS:
+        if reason in self.reasons or reason in cobatch.VERDICTS or reason in OCCASIONAL_REASONS:
             self.reasons[reason] = self.reasons.get(reason, 0) + 1
         self.cobatch.add(p)
         if not p.get("comparable", True):
@@ -331,8 +338,8 @@ class RateCounts:
 
 
 def not_comparable(pairs: Iterable[Mapping[str, Any]], duplicates: int = 0) -> dict[str, int]:
-    """``{"error", "unlabelled", "prompt_mismatch", "duplicate"}`` counts (duplicates are passed in: they never
-    form a pair)."""
+    """``{"error", "unlabelled", "prompt_mismatch", "duplicate"}`` counts, plus ``missing`` and the co-batching
+    verdicts when pairs have them (duplicates are passed in: they never form a pair)."""
     return RateCounts().extend(pairs).not_comparable(duplicates)
 
 

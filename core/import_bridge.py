@@ -12,9 +12,9 @@ keyed by a row id (the document / sample id, plus the epoch where there are seve
   was given (so a pair whose prompts differ is ``prompt_mismatch``, not a flip), ``finish_reason`` when known, and
   the prompt text in ``metadata.prompt``;
 * counts a sample found in only one file instead of dropping it: the missing side gets a placeholder record
-  (``finish_reason: "missing"``, no label, ``scorer_error: "missing: ..."``), so the pair is formed and counted as
-  not comparable (reason ``error``) by the analysis, and the manifest lists the ids under ``imported.only_solo`` /
-  ``imported.only_batch``;
+  (``finish_reason: "missing"``, no label, score or text, ``scorer_error: "missing: ..."``), so the pair is formed
+  and counted as not comparable with reason ``missing`` by the analysis (:func:`evalhost.analysis_pairs.
+  not_comparable_reason`), and the manifest lists the ids under ``imported.only_solo`` / ``imported.only_batch``;
 * adds the paired accuracy test to the manifest (``imported.paired``): each side's share of ``correct`` labels with
   its Wilson 95% CI and the exact McNemar p of the discordant pairs (correct solo / incorrect batch vs the
   reverse), computed with :mod:`evalhost.stats` over the comparable pairs of :func:`evalhost.analysis.pair`;
@@ -36,7 +36,7 @@ from typing import Any, Mapping
 from .errors import RunError, UserError
 
 MAX_BYTES = 256 * 2**20
-MISSING = "missing"
+MISSING = "missing"  # the placeholder's finish_reason: evalhost.analysis_pairs.MISSING, reason "missing"
 
 
 @dataclass

@@ -18,6 +18,7 @@ from . import analysis as an
 from . import report_studies, report_study_d
 from .analysis_margins import margins as margins_summary, section as margins_section
 from .analysis_screen import section as screen_section
+from .report_imported import section as imported_section
 from .errors import UserError
 from .report_format import (_cell, _nan, compact as _compact, json_safe as _json_safe, num, pct,  # noqa: F401
                             not_comparable_text, pval, rate_ci, table)
@@ -240,7 +241,7 @@ def _render(run_dir: Path, manifest: Mapping[str, Any], summary: Mapping[str, An
     else:
         parts.append("## Headline: batch vs solo\n\nNo batch record has its solo record (same model, backend, task, "
                      "item, repeat 0) yet, so there are no pairs to compare; run or resume the study's solo cells.")
-    parts += [s for s in [margins_section(summary.get("margins")),
+    parts += [s for s in [imported_section(manifest.get("imported")), margins_section(summary.get("margins")),
                           screen_section(summary.get("screen"), manifest.get("screen"))] if s]
     parts += report_study_d.section(summary["study_d"], made, summary.get("flip_on") or "label")
     if "study_b" in summary:
@@ -297,7 +298,8 @@ def write_report(run_dir: str | Path, seed: int = 0, plots: bool = True) -> Path
                                                      allow_nan=False) + "\n")
     from .report_html import write_html
 
-    write_html(run_dir, summary, analysis.changed_records, analysis.changed_pairs)  # report.html, atomic
+    write_html(run_dir, summary, analysis.changed_records, analysis.changed_pairs,  # report.html, atomic
+               imported=manifest.get("imported"))
     return report
 
 

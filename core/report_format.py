@@ -9,7 +9,7 @@ from typing import Any, Mapping, Sequence
 
 NOT_COMPARABLE_REASONS = ("error", "unlabelled", "prompt_mismatch", "duplicate")
 REASON_WORDS = {"error": "error", "unlabelled": "unlabelled", "prompt_mismatch": "prompt mismatch",
-                "duplicate": "duplicate"}
+                "duplicate": "duplicate", "missing": "missing on one side"}
 
 
 def _nan(x: Any) -> bool:

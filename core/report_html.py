@@ -266,8 +266,11 @@ def _script_json(data: Any) -> str:
 
 
 def render(summary: Mapping[str, Any], records: Sequence[Mapping[str, Any]],
-           pairs: Sequence[Mapping[str, Any]]) -> str:
-    """The whole page as one string."""
+           pairs: Sequence[Mapping[str, Any]], imported: Any = None) -> str:
+    """The whole page as one string; ``imported``: the manifest's ``imported`` block (the paired accuracy test of an
+    imported lm-eval / inspect pair, :mod:`evalhost.report_imported`)."""
+    from .report_imported import html_section
+
     margins = summary.get("margins")
     shown, total = explorer_pairs(pairs)
     rows = explorer_rows(records, shown, margins)
@@ -299,6 +302,7 @@ def render(summary: Mapping[str, Any], records: Sequence[Mapping[str, Any]],
 changed {_e(flip_on)}. Rates are over comparable pairs with Wilson 95% intervals. report.md has every table.</p>
 <h2>Headline: batch vs solo</h2>
 {_headline(summary)}
+{html_section(imported)}
 <h2>Breakdowns</h2>
 {_breakdowns(summary)}
 <h2>Logprob margins at the divergence</h2>
@@ -316,8 +320,8 @@ rows</span></div>
 
 
 def write_html(run_dir: Any, summary: Mapping[str, Any], records: Sequence[Mapping[str, Any]],
-               pairs: Sequence[Mapping[str, Any]]):
+               pairs: Sequence[Mapping[str, Any]], imported: Any = None):
     """Write ``report.html`` into ``run_dir`` atomically (temp + rename, links refused); return its path."""
     from .rundir import RunDir
 
-    return RunDir(run_dir).write_atomic(REPORT_HTML, render(summary, records, pairs))
+    return RunDir(run_dir).write_atomic(REPORT_HTML, render(summary, records, pairs, imported))

@@ -138,6 +138,37 @@ def test_the_export_of_an_imported_pair_is_read_by_inspect_ai(tmp_path, capsys):
     assert all(s.input.startswith("Q: ") for s in log.samples)  # the prompt lm-eval logged
 
 
+
+def _pct(x: float) -> str:
+    return f"{100 * x:.1f}%"  # report.md's percentages: one decimal (none of these values ends in a half)
+
+
+@pytest.mark.parametrize("source", ["lm-eval", "inspect"])  # the inspect pair has discordant pairs (0 vs 1)
+def test_the_report_shows_the_paired_accuracy_test_of_an_imported_pair(tmp_path, capsys, source):
+    solo_f, batch_f, frame = ((LM_SOLO, LM_BATCH, lmeval_frame) if source == "lm-eval"
+                              else (IN_SOLO, IN_BATCH, inspect_frame))
+    exp = expected(frame(solo_f), frame(batch_f))
+    run = tmp_path / "run"
+    assert cli(["import", "--from", source, str(solo_f), str(batch_f), "-o", str(run)], capsys)[0] == 0
+    paired = json.loads((run / "manifest.json").read_text())["imported"]["paired"]
+    report = (run / "report.md").read_text()
+    assert "## Paired accuracy test (imported pair)" in report
+    section = report.split("## Paired accuracy test (imported pair)", 1)[1].split("\n## ", 1)[0]
+    for side, path, k in (("solo", solo_f, exp["solo_correct"]), ("batch", batch_f, exp["batch_correct"])):
+        p = paired[f"{side}_correct"]
+        lo, hi = proportion_confint(k, exp["pairs"], alpha=0.05, method="wilson")
+        assert (p["k"], p["n"]) == (k, exp["pairs"]) and (p["lo"], p["hi"]) == (pytest.approx(lo), pytest.approx(hi))
+        row = f"| {side} | {path.name} | {k}/{exp['pairs']} | {_pct(k / exp['pairs'])} [{_pct(lo)}, {_pct(hi)}] |"
+        assert row in section, (row, section)
+    assert (f"{exp['b']} are correct only solo and {exp['c']} only batched: exact McNemar p = {exp['p']:.3g}"
+            in section), section
+    html_page = (run / "report.html").read_text()
+    assert 'id="imported-paired"' in html_page and f"exact McNemar p = {exp['p']:.3g}" in html_page
+    # a run evalhost made itself (no imported pair) gets no such section
+    from evalhost.report_imported import html_section, section as md_section
+    assert md_section(None) is None and md_section({"format": "jsonl"}) is None and html_section({}) == ""
+
+
 def _drop(src: Path, dst: Path, ids: set[int]) -> Path:
     dst.parent.mkdir(parents=True, exist_ok=True)
     dst.write_text("".join(line + "\n" for line in src.read_text().splitlines()
@@ -157,7 +188,15 @@ def test_mismatched_sample_sets_are_counted_not_dropped(tmp_path, capsys):
     summary = json.loads((run / "summary.json").read_text())
     assert summary["counts"]["pairs"] == n  # every sample of either file is a pair
     assert summary["overall"]["pairs"] == n - 3  # comparable: both sides present
-    assert summary["overall"]["not_comparable"]["error"] == 3
+    # counted under their own reason, "missing", not as errors (issue 22 item 4 follow-up)
+    assert summary["overall"]["not_comparable"]["missing"] == 3 and summary["overall"]["not_comparable"]["error"] == 0
+    assert summary["counts"]["not_comparable"]["missing"] == 3
+    placeholders = [r for r in read_records(run / "records.jsonl") if r["finish_reason"] == "missing"]
+    assert sorted((r["condition"], r["item_id"]) for r in placeholders) == [("batch", "0"), ("batch", "1"),
+                                                                            ("solo", "5")]
+    assert all(r["label"] is None and r["output_text"] is None for r in placeholders)
+    report = (run / "report.md").read_text()
+    assert "Not comparable: 3 (3 missing on one side)." in report
     assert f"2 samples only in {solo.name}" in out and f"1 samples only in {batch.name}" in out
     assert validate_run(run)["errors"] == []
     inspect_log = pytest.importorskip("inspect_ai.log")  # the export keeps the pairs that are not comparable
@@ -166,9 +205,27 @@ def test_mismatched_sample_sets_are_counted_not_dropped(tmp_path, capsys):
     assert len(samples) == n
     gone = sorted(s.metadata["item_id"] for s in samples if not s.metadata["comparable"])
     assert gone == ["0", "1", "5"]
-    assert all(s.scores["flip"].explanation == "not comparable: error" for s in samples
+    assert all(s.scores["flip"].explanation == "not comparable: missing" for s in samples
                if s.metadata["item_id"] in gone)
 
+
+
+def test_missing_is_its_own_reason_and_only_counted_where_it_occurs():
+    from evalhost import analysis as an
+
+    def rec(cond, item, **kw):
+        return {"key": f"m/b/t/{cond}/bs1#{item}#r0", "cell": f"m/b/t/{cond}/bs1", "model": "m", "backend": "b",
+                "task": "t", "item_id": item, "condition": cond, "dispatcher": cond, "batch_size": 1, "repeat": 0,
+                "domain": "capability", "label": "correct", "score": 1.0, "output_text": "x", "finish_reason": "stop",
+                "prompt_sha256": "p", "scorer_error": None, **kw}
+    placeholder = {"label": None, "score": None, "output_text": None, "finish_reason": "missing",
+                   "scorer_error": "missing: sample b is not in F"}
+    records = [rec("solo", "a"), rec("batch", "a"), rec("solo", "b"), rec("batch", "b", **placeholder)]
+    by_item = {p["item_id"]: p for p in an.pair(records)}
+    assert by_item["b"]["not_comparable"] == "missing" and by_item["a"]["comparable"]
+    assert an.not_comparable(by_item.values()) == {"error": 0, "unlabelled": 0, "prompt_mismatch": 0, "missing": 1,
+                                                   "duplicate": 0}
+    assert "missing" not in an.not_comparable([by_item["a"]])  # other runs keep their four keys
 
 def test_a_changed_prompt_is_a_prompt_mismatch_not_a_flip(tmp_path, capsys):
     lines = [json.loads(x) for x in LM_BATCH.read_text().splitlines()]
