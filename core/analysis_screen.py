@@ -195,6 +195,9 @@ def section(screen: Mapping[str, Any] | None, screened: Mapping[str, Any] | None
             f"changed its text? ROC AUC (Mann-Whitney U / (n1 n0); 0.5 = chance) and the share of items one could "
             f"skip by batch-testing only the most fragile ones while still catching {pct}% of the changed items "
             f"(ties at the cut tested whole).", ""]
+    if not screen["overall"]["items"]:
+        return "\n".join(out + ["No scored solo item has a comparable batch pair yet, so there is nothing to screen "
+                                "against."])
     rows = []
     for b in screen["by_backend"] + ([{"backend": "all", **screen["overall"]}]
                                      if len(screen["by_backend"]) > 1 else []):

@@ -127,6 +127,8 @@ def test_streamed_summary_carries_the_screen_only_with_top_k():
                           "items": {"t": 5}, "top_logprobs": 2})
     assert "This run was screened" in line and "t 2 of 5" in line and "/r/screen-1" in line
     assert section(None, "not a mapping") is None  # a hostile manifest entry is ignored
+    solo_only = summarize_run([r for r in records if r["condition"] == "solo"]).summary["screen"]
+    assert "nothing to screen against" in section(solo_only) and "| Backend |" not in section(solo_only)
 
 
 def test_toml_writer_round_trips():
