@@ -22,6 +22,7 @@ FIX = Path(__file__).parent / "fixtures" / "bridges"
 LM_SOLO = next((FIX / "lmeval" / "bs1").glob("samples_*.jsonl"))
 LM_BATCH = next((FIX / "lmeval" / "bs8").glob("samples_*.jsonl"))
 IN_SOLO, IN_BATCH = FIX / "inspect" / "bs1.eval", FIX / "inspect" / "bs8.eval"
+EP_SOLO, EP_BATCH = FIX / "inspect" / "epochs2-bs1.eval", FIX / "inspect" / "epochs2-bs8.eval"  # 8 samples x 2
 
 
 def cli(args, capsys) -> tuple[int, str, str]:
@@ -52,7 +53,7 @@ def lmeval_frame(path: Path) -> pd.DataFrame:
                          "text": df.filtered_resps.map(lambda r: r[0])})
 
 
-def inspect_frame(path: Path) -> pd.DataFrame:
+def inspect_frame(path: Path, epochs: bool = False) -> pd.DataFrame:
     pytest.importorskip("zipfile_zstd")  # inspect-ai's dependency: lets zipfile read the .eval's zstd members
     rows = []
     with zipfile.ZipFile(path) as z:  # the .eval format: a zip with one JSON file per sample under samples/
@@ -62,7 +63,8 @@ def inspect_frame(path: Path) -> pd.DataFrame:
                 msg = s["output"]["choices"][0]["message"]["content"]
                 text = msg if isinstance(msg, str) else "".join(c.get("text", "") for c in msg
                                                                 if c.get("type") == "text")
-                rows.append({"id": str(s["id"]), "correct": s["scores"]["includes"]["value"] == "C", "text": text})
+                rows.append({"id": f"{s['id']}:e{s['epoch']}" if epochs else str(s["id"]),
+                             "correct": s["scores"]["includes"]["value"] == "C", "text": text})
     return pd.DataFrame(rows)
 
 
@@ -88,7 +90,7 @@ def check_run(run: Path, exp: dict, out: str) -> dict:
 
 
 def test_fixtures_are_small_and_came_with_their_commands():
-    for f in [LM_SOLO, LM_BATCH, IN_SOLO, IN_BATCH]:
+    for f in [LM_SOLO, LM_BATCH, IN_SOLO, IN_BATCH, EP_SOLO, EP_BATCH]:
         assert f.stat().st_size < 200_000, f
     assert "lm_eval" in (FIX / "make_fixtures.sh").read_text() and "inspect\" eval" in (FIX / "make_fixtures.sh"
                                                                                         ).read_text()
@@ -125,6 +127,22 @@ def test_inspect_pair_is_imported_with_flips_text_changes_wilson_and_mcnemar(tmp
     recs = read_records(run / "records.jsonl")
     assert {r["model"] for r in recs} == {"smollm2-135m-instruct"} and {r["backend"] for r in recs} == {"inspect-hf"}
 
+
+
+def test_an_inspect_pair_with_two_epochs_is_paired_by_sample_id_and_epoch(tmp_path, capsys):
+    run = tmp_path / "ep"
+    code, out, err = cli(["import", "--from", "inspect", str(EP_SOLO), str(EP_BATCH), "-o", str(run)], capsys)
+    assert code == 0, err
+    solo, batch = inspect_frame(EP_SOLO, epochs=True), inspect_frame(EP_BATCH, epochs=True)
+    assert len(solo) == len(batch) == 16 and solo.id.nunique() == 16  # 8 sample ids x 2 epochs
+    exp = expected(solo, batch)
+    assert exp["pairs"] == 16  # paired by (id, epoch): by id alone there would be 8 (or a refusal)
+    check_run(run, exp, out)
+    recs = read_records(run / "records.jsonl")
+    assert sorted({r["item_id"] for r in recs}) == sorted(solo.id)
+    text = {(cond, i): t for cond, f in (("solo", solo), ("batch", batch)) for i, t in zip(f.id, f.text)}
+    assert all(r["output_text"] == text[(r["condition"], r["item_id"])] for r in recs)
+    assert {r["metadata"]["epoch"] for r in recs} == {1, 2}
 
 def test_the_export_of_an_imported_pair_is_read_by_inspect_ai(tmp_path, capsys):
     inspect_log = pytest.importorskip("inspect_ai.log")
