@@ -266,7 +266,7 @@ name = "t"
 output_dir = "%s"
 [[models]]
 name = "toy"
-path = "toy"
+path = "builtin:smollm2-135m-instruct"
 [[backends]]
 name = "vllm"
 options = { url = "http://127.0.0.1:9" }
