@@ -156,20 +156,27 @@ def read_config(path: Path) -> dict[str, Any]:
     return data
 
 
-# a line of a server log that names a problem: "api_server.py: error: ...", "ValueError: ...", "... ERROR ..."
-_ERROR_LINE = re.compile(r"(\berror:|\b[A-Z]\w*(Error|Exception)\b|\bERROR\b)")
+# a server log line that states a cause: "ValueError: ...", "api_server.py: error: ..." (argparse); else, failing
+# that, any line logged at level ERROR that is not part of a traceback
+_CAUSE = re.compile(r"(\b[A-Z]\w*(Error|Exception)|\berror): ")
+_ERROR_LEVEL = re.compile(r"\bERROR\b")
 # vLLM's generic last words after an engine failure: the cause is on an earlier line
 _GENERIC = ("See root cause above", "EngineCore failed to start", "Traceback (most recent call last)")
+_TRACEBACK = ("File ", "raise ", "^", "~")
 _LOG_PREFIX = re.compile(r"^(\(\w+ pid=\d+\)\s*)?((ERROR|WARNING|INFO|CRITICAL) \d\d-\d\d [\d:]+ \[[^\]]*\]\s*)?")
 
 
 def error_line(lines: list[str], limit: int = 160) -> str | None:
-    """The line of a server log's tail that says why the server stopped: the last error line that is not one of
-    vLLM's generic ones, without its process and logger prefix, at most ``limit`` characters; None if no line
-    names an error."""
-    for line in reversed([ln.strip() for ln in lines if ln.strip()]):
-        if _ERROR_LINE.search(line) and not any(g in line for g in _GENERIC):
-            text = _LOG_PREFIX.sub("", line).strip() or line
+    """The line of a server log's tail that says why the server stopped: the last line stating a cause (``XError:
+    ...``, argparse's ``error: ...``) that is not one of vLLM's generic ones, else the last ERROR-level line outside
+    a traceback; without its process and logger prefix, at most ``limit`` characters; None if no line names an
+    error."""
+    rows = [(_LOG_PREFIX.sub("", ln.strip()).strip(), ln) for ln in lines if ln.strip()]
+    rows = [(text, raw) for text, raw in rows
+            if text and not text.startswith(_TRACEBACK) and not any(g in raw for g in _GENERIC)]
+    for found in ([t for t, _ in rows if _CAUSE.search(t)], [t for t, raw in rows if _ERROR_LEVEL.search(raw)]):
+        if found:
+            text = found[-1]
             return text if len(text) <= limit else text[:limit - 3] + "..."
     return None
 

@@ -425,10 +425,17 @@ def test_error_line_picks_the_cause():
         "(EngineCore pid=41) ERROR 11-30 11:43:34 [core.py:1011] Traceback (most recent call last):",
         '(EngineCore pid=41) ERROR 11-30 11:43:34 [core.py:1011]   File "x.py", line 3, in f',
         "(EngineCore pid=41) ERROR 11-30 11:43:34 [core.py:1011] ValueError: 0.01 GiB is less than the model needs",
+        "(APIServer pid=40) Traceback (most recent call last):",
+        '(APIServer pid=40)   File "core_client.py", line 9, in wait_for_engine_startup',
+        "(APIServer pid=40)     raise RuntimeError(",
         "(APIServer pid=40) RuntimeError: Engine core initialization failed. See root cause above. Failed core "
         "proc(s): {}"]
     assert error_line(engine_tail) == "ValueError: 0.01 GiB is less than the model needs"
-    assert error_line(["INFO starting", "", "loading weights"]) is None
+    # no line states a cause: the last ERROR-level line outside a traceback
+    assert error_line(["(EngineCore pid=41) ERROR 11-30 11:43:34 [core.py:9] the worker died unexpectedly",
+                       "(EngineCore pid=41) INFO 11-30 11:43:35 [core.py:9] shutting down"]) == \
+        "the worker died unexpectedly"
+    assert error_line(["INFO starting", "", "loading weights", "    raise RuntimeError("]) is None
     assert len(error_line(["KeyError: " + "x" * 500])) == 160
 
 
