@@ -190,16 +190,20 @@ def startup_failure(plugin: str, path: Path, backend, exc: BaseException) -> Use
     if server is None:
         return UserError(f"the {plugin} server of {path} could not start ({str(exc).splitlines()[0]}); fix its "
                          f"[[backends]] options")
-    code = server.proc.returncode if server.proc is not None else None
-    if "did not answer" in str(exc):
+    # ManagedServer's own words tell a death during startup from a timeout; anything else (e.g. vllm-invariant
+    # finding no proof of its kernels in the log) is said as raised. The server is stopped by now in every case.
+    first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    line = None
+    if "during startup" in first and server.proc is not None and server.proc.returncode is not None:
+        why = f"exited with code {server.proc.returncode} while starting"
+    elif "did not answer" in first:
         why = (f"did not answer {server.health_path} within {server.startup_timeout_s:.0f} s (raise the backend "
                f"option startup_timeout_s if it is only slow)")
-    elif code is not None:
-        why = f"exited with code {code} while starting"
     else:
-        why = f"did not start ({str(exc).splitlines()[0][:120]})"
+        why = f"did not start ({first[:160]})"
+    if not why.startswith("did not start"):
+        line = error_line(tail_lines(server.log_path, 60, server.log_offset), limit=120)
     # the cause first and the log last: the CLI elides the middle of a long line (a long config path)
-    line = error_line(tail_lines(server.log_path, 60, server.log_offset), limit=120)
     said = f": {line}" if line else ""
     return UserError(f"the {plugin} server {why}{said}; fix the [[backends]] options of {path} (server log kept "
                      f"at {server.log_path})")

@@ -461,6 +461,48 @@ def test_config_port_in_use_is_one_sentence_and_starts_nothing(tmp_path, capsys)
     assert [c for c in me.children(recursive=True) if c.create_time() >= since - 1] == []
 
 
+@pytest.mark.parametrize("script, needle", [
+    ("import sys; print('(EngineCore pid=1) ERROR 11-30 11:43:34 [core.py:9] ValueError: no room for the KV cache')"
+     "; sys.exit(3)", "the vllm server exited with code 3 while starting: ValueError: no room for the KV cache; fix"),
+    ("import time; time.sleep(120)", "the vllm server did not answer /health within 2 s (raise the backend option "
+                                     "startup_timeout_s if it is only slow); fix"),
+])
+def test_managed_start_failures_fault_injection(tmp_path, script, needle):
+    """A fake server (fault injection) that dies while starting, or never answers /health: one sentence with the
+    log's cause, the log kept, the process gone."""
+    import re
+    import shutil
+    import time
+    from pathlib import Path
+
+    import psutil
+
+    from evalhost.errors import UserError
+    from evalhost.plugins.backends.vllm import VLLMBackend
+    from evalhost.preflight_target import _start_managed
+
+    class Broken(VLLMBackend):
+        def preflight(self) -> None:
+            pass
+
+        def server_args(self, port: int) -> list[str]:
+            return ["--port", str(port)]
+
+        def server_argv(self, port: int) -> list[str]:
+            return [sys.executable, "-c", script]
+
+    since = time.time()
+    with pytest.raises(UserError) as caught:
+        _start_managed(Broken, {"name": "m", "path": str(tmp_path)}, {"startup_timeout_s": 2, "stop_timeout_s": 5},
+                       lambda m: None, tmp_path / "pf.toml")
+    msg = str(caught.value)
+    assert needle in msg and "\n" not in msg, msg
+    log = Path(re.search(r"server log kept at (\S+)\)$", msg).group(1))
+    assert log.is_file()
+    shutil.rmtree(log.parent)
+    assert [c.pid for c in psutil.Process().children(recursive=True) if c.create_time() >= since - 1] == []
+
+
 @pytest.mark.vllm
 def test_config_server_that_cannot_start_is_one_sentence_and_leaves_nothing(tmp_path, capsys):
     """A config whose server vLLM refuses (an argument it does not know): exit 2, one sentence quoting vLLM's error
