@@ -70,5 +70,5 @@ def test_bf16_padded_batch_flips_a_refusal(tmp_path):
     flips = [p for p in pairs if p["flip"] and p["flip_kind"] == "substantive"
              and {p["solo_label"], p["batch_label"]} == {"refuse", "comply"}]
     assert flips, [(p["item_id"], p["solo_label"], p["batch_label"], p["flip_kind"]) for p in pairs]
-    summary = json.loads((run_dir / "summary.json").read_text())
-    assert "substantive_flips" in json.dumps(summary)
+    summary = json.loads((run_dir / "summary.json").read_text())  # the report's headline counts them the same way
+    assert summary["headline"][0]["substantive_flips"]["k"] >= 1
