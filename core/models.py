@@ -242,6 +242,11 @@ def _build_builtin(name: str, log=print) -> Path:
     return out
 
 
+class ModelNotHere(UserError):
+    """A model path that names nothing on this machine (it may exist on the machine the study is written for):
+    a real run refuses it at plan time, ``--dry-run`` says so and plans on."""
+
+
 def check_model_path(path: str) -> str:
     """What :func:`resolve_model_path` will make of ``path``, checked without side effects (nothing converted,
     merged or downloaded): ``"builtin"``, ``"local"`` or ``"hub"``; a path it would refuse raises the same
@@ -259,8 +264,8 @@ def check_model_path(path: str) -> str:
                             f"transformers checkpoint directory")
         return "local"
     if path.startswith((".", "/", "~")) or path.count("/") != 1:
-        raise UserError(f"model path '{path}' does not exist; give a checkpoint directory, a hub id (owner/name), "
-                        f"or builtin:smollm2-135m-instruct / builtin:smollm2-135m-refusal")
+        raise ModelNotHere(f"model path '{path}' does not exist; give a checkpoint directory, a hub id (owner/name), "
+                           f"or builtin:smollm2-135m-instruct / builtin:smollm2-135m-refusal")
     return "hub"
 
 

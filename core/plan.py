@@ -173,17 +173,25 @@ def make_groups(items: list[TaskItem], batch_size: int, seed: int, task: str) ->
 
 
 # ---------------------------------------------------------------------------------------------------- plan
-def check_plugins(study: Study, registry: Registry) -> None:
+def check_plugins(study: Study, registry: Registry, notes: list[str] | None = None) -> None:
     """Every plugin the study names exists, is not contested, and accepts its options: ``check_options`` of each
     backend, dispatcher, task source and scorer, before a task is loaded, a run directory made or a server started
     (``evalhost run --dry-run`` says the same). The executor's options are checked where it is built
-    (:func:`evalhost.runner.run_study`)."""
+    (:func:`evalhost.runner.run_study`). A model path that names nothing on this machine is refused too, unless
+    ``notes`` is given (``--dry-run``: a study written for another machine still plans): then it is noted there."""
+    from .models import ModelNotHere
+
     for b in study.backends:
         cls = registry.get("backend", b.plugin)
         cls.check_options(b.options)
         for m in study.models:  # a model path the backend can never load: refused before a run directory exists
-            _prefixed(f"model '{m.name}' with backend '{b.label}'", lambda _o, m=m: cls.check_model(m, b.options),
-                      b.options)
+            try:
+                _prefixed(f"model '{m.name}' with backend '{b.label}'",
+                          lambda _o, m=m: cls.check_model(m, b.options), b.options)
+            except ModelNotHere as exc:
+                if notes is None:
+                    raise
+                notes.append(f"{exc}: a run on this machine will refuse it")
     for d in study.dispatchers:
         cls = registry.get("dispatcher", d.plugin)
         cls.check_options(d.options)
@@ -263,8 +271,8 @@ def check_size(study: Study, tasks: dict[str, list[TaskItem]], registry: Registr
                         f"than the limit of {MAX_PROMPTS:,} per run; lower repeats, limit the tasks or split the study")
 
 
-def build_plan(study: Study, registry: Registry) -> Plan:
-    check_plugins(study, registry)
+def build_plan(study: Study, registry: Registry, notes: list[str] | None = None) -> Plan:
+    check_plugins(study, registry, notes)
     base = study.path.parent if study.path else None
     tasks = {t.name: load_task(t, registry, base) for t in study.tasks}
     for t in study.tasks:

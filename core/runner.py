@@ -86,9 +86,12 @@ def run_study(study: Study, resume: Path | None = None, executor: str = "local",
             "executor": {executor}}
     require_clean(registry, used)
     ex = registry.get("executor", executor)(executor_options or {})
-    plan = build_plan(study, registry)
+    notes: list[str] = []
+    plan = build_plan(study, registry, notes if dry_run else None)
     if dry_run:
         out(describe(plan))
+        for note in notes:  # e.g. a model path that exists only on the machine the study is written for
+            out(note)
         for b in study.backends:  # what a backend's preflight would refuse here, said before anyone waits for it
             check = getattr(registry.get("backend", b.plugin), "preflight_problem", None)
             problem = check(b.options) if check else None

@@ -46,12 +46,15 @@ NAME_CHARS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789
 def _model_problem(registry, plugin: str, options: dict, models: list[dict]) -> str | None:
     """The backend's ``check_model`` refuses one of the study's model paths (its rule is taken as given)."""
     from evalhost.errors import UserError
+    from evalhost.models import ModelNotHere
     from evalhost.types import ModelSpec
 
     cls = registry.find("backend", plugin).cls
     for m in models:
         try:
             cls.check_model(ModelSpec(m["name"], m["path"], m.get("dtype"), m.get("alignment_type")), dict(options))
+        except ModelNotHere:
+            continue  # names nothing on this machine: a dry run notes it and plans on (a real run refuses it)
         except UserError:
             return "a model path the backend cannot load"
     return None

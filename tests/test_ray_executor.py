@@ -254,12 +254,15 @@ def test_a_resource_no_node_has_is_refused_not_waited_for(tmp_path, toy_env, mon
                  report=False, out=_quiet)
 
 
+@pytest.mark.cpu_only
 def test_a_user_error_inside_an_actor_reaches_the_user_as_one_sentence(tmp_path, toy_env):
     from evalhost.errors import UserError
 
-    study = _study(tmp_path, n_items=2, backend='name = "hf"', models=[("ghost", str(tmp_path / "no-such-model"))])
+    # the plan accepts it; the backend's preflight, in the actor, refuses a CUDA device on a machine without one
+    study = _study(tmp_path, n_items=2, backend='name = "hf"\noptions = { device = "cuda" }',
+                   models=[("m", "builtin:smollm2-135m-instruct")])
     study.write_text(study.read_text().replace("toy_refusal", "refusal"))
-    with pytest.raises(UserError, match=r"^model path '.*no-such-model' does not exist") as info:
+    with pytest.raises(UserError, match=r"^backend 'hf' option device = 'cuda', but no CUDA GPU is available") as info:
         run_file(study, executor="ray", executor_options=dict(RAY_OPTS), progress=False, report=False, out=_quiet)
     assert type(info.value) is UserError  # the backend's own error, not Ray's wrapper
 
