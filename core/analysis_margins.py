@@ -23,8 +23,8 @@ difference is a logit difference (the normaliser cancels), so the margin is in l
   when the solo choice was at most one bfloat16 step ahead.  float16 steps in [16, 32) are 2**-6 = 0.0156 and
   float32 steps 2**-19: for those dtypes 0.125 is generous.  Pass ``threshold`` to use another.
 * Each change also records ``batch_rank``: where the batched side's token at *d* stood in the solo side's top-k
-  (2 = the solo run's runner-up won), and ``top1_is_chosen`` (whether the solo top-1 is the solo token, as greedy
-  decoding guarantees up to exact ties).
+  (2 = the solo run's runner-up won), and ``top1_is_chosen`` (whether the solo token has the best logprob in its top-k, as greedy
+  decoding guarantees; on an exact tie the top-k may list the tied tokens in either order).
 
 Summary key ``margins``: ``threshold``, ``threshold_basis``, ``recorded`` (whether any record has top-k),
 ``bins`` (histogram edges), ``overall`` and ``by_backend`` (``backend``, ``changes``, ``tie``, ``non_tie``,
@@ -113,7 +113,9 @@ def change_row(solo: Mapping[str, Any], batch: Mapping[str, Any], p: Mapping[str
     row["margin"], row["class"] = margin, classify(margin, threshold)
     chosen, other = _token_at(solo, d), _token_at(batch, d)
     if chosen is not None and isinstance(entries[0][0], int):
-        row["top1_is_chosen"] = entries[0][0] == chosen
+        # on an exact tie the backend may list the tied tokens in either order (hf: greedy takes the lower id, its
+        # top-k need not): the chosen token is "top-1" when it shares the best logprob
+        row["top1_is_chosen"] = any(t == chosen and lp == entries[0][1] for t, lp in entries)
     if other is not None:
         ranks = [i + 1 for i, (t, _) in enumerate(entries) if t == other]
         row["batch_rank"] = ranks[0] if ranks else None

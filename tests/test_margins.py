@@ -275,3 +275,12 @@ def test_margin_section_without_text_changes():
     records = [r for r in synthetic() if r["item_id"] == "E"]  # one unchanged pair, solo with top-k
     text = section(margins(records, pair(records)))
     assert "No comparable pair changed its text" in text and "| Backend |" not in text
+
+
+def test_top1_is_chosen_on_an_exact_tie_listed_in_either_order():
+    """hf lists exactly tied tokens in any order (greedy took id 57, top-k lists 2068 first): still top-1."""
+    records = [rec("sT", "solo", "T", [57, 5], "I x", [[[2068, -0.768432], [57, -0.768432]], [[5, -0.1], [6, -2.0]]]),
+               rec("bT", "batch", "T", [2068, 5], "J x", [[[2068, -0.7], [57, -0.8]], [[5, -0.1], [6, -2.0]]])]
+    row = margins(records, pair(records))["rows"][0]
+    assert row["margin"] == 0 and row["class"] == "tie"
+    assert row["top1_is_chosen"] is True and row["batch_rank"] == 1
