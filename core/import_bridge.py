@@ -137,9 +137,7 @@ def write_pair_run(solo: dict[str, Side], batch: dict[str, Side], run_dir: str |
     ``batch_size`` (0: unknown), ``scorer`` (the metric's name), ``metric_note`` (how labels were made)."""
     from .analysis import pair
     from .importer import FLIP_ON, build_records, check_rows
-    from .records import RecordWriter
     from .runner import fingerprint_id, host_fingerprint
-    from .rundir import MANIFEST, RECORDS, RunDir
 
     run_dir = Path(run_dir)
     if flip_on not in FLIP_ON:
@@ -201,27 +199,7 @@ def write_pair_run(solo: dict[str, Side], batch: dict[str, Side], run_dir: str |
         "backend_fingerprints": {f"{info['model']}/{info['mode']}": fid}, "evidence": {}, "env": {}, "limit": None,
         "plan": {"generations": len(records), "cells": len({r["cell"] for r in records})},
     }
-    parent = run_dir.parent
-    parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{run_dir.name}.importing-", dir=parent))
-    try:
-        os.chmod(tmp, 0o755)
-        writer = RecordWriter(tmp / RECORDS)
-        try:
-            writer.write_many(records)
-        finally:
-            writer.close()
-        RunDir(tmp).write_json(MANIFEST, manifest)
-        if os.path.lexists(run_dir):
-            raise UserError(f"{run_dir} appeared while importing; choose a new directory")
-        os.rename(tmp, run_dir)
-    except OSError as exc:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise RunError(f"could not write {run_dir} ({exc.strerror or exc}); nothing was written - free space or "
-                       f"choose another place and import again") from None
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    publish_run(run_dir, records, manifest)
     comp = [p for p in pairs if p["comparable"]]
     return {"run_dir": run_dir, "rows": len(checked), "records": len(records), "pairs": len(pairs),
             "comparable": len(comp), "flips": sum(p["flip"] for p in comp),
@@ -254,3 +232,33 @@ def describe(result: Mapping[str, Any], files: tuple[Path, Path]) -> list[str]:
 def canonical(value: Any) -> str:
     """JSON text of a prompt structure with sorted keys (what its SHA-256 is taken of)."""
     return json.dumps(value, sort_keys=True, ensure_ascii=False, default=str)
+
+
+def publish_run(run_dir: Path, records: list[dict[str, Any]], manifest: dict[str, Any]) -> None:
+    """Write an imported run whole or not at all: records and manifest into a hidden sibling directory, fsynced,
+    then renamed to ``run_dir`` (refused if it appeared meanwhile). Shared by the single-file import
+    (:mod:`evalhost.importer`) and the lm-eval / inspect bridges."""
+    from .records import RecordWriter
+    from .rundir import MANIFEST, RECORDS, RunDir
+
+    parent = run_dir.parent
+    parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{run_dir.name}.importing-", dir=parent))
+    try:
+        os.chmod(tmp, 0o755)  # mkdtemp makes it private; a run directory is as readable as one `run` makes
+        writer = RecordWriter(tmp / RECORDS)
+        try:
+            writer.write_many(records)
+        finally:
+            writer.close()
+        RunDir(tmp).write_json(MANIFEST, manifest)
+        if os.path.lexists(run_dir):
+            raise UserError(f"{run_dir} appeared while importing; choose a new directory")
+        os.rename(tmp, run_dir)
+    except OSError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise RunError(f"could not write {run_dir} ({exc.strerror or exc}); nothing was written - free space or "
+                       f"choose another place and import again") from None
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

@@ -32,13 +32,11 @@ import json
 import math
 import os
 import re
-import shutil
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-from .errors import RunError, UserError
+from .errors import UserError
 
 COLUMNS = ("row_id", "mode", "model", "task", "domain", "dispatcher", "batch_size", "phase", "original_direction",
            "solo_label", "batch_label", "solo_score", "batch_score", "solo_text_sha256", "batch_text_sha256")
@@ -309,7 +307,6 @@ def import_file(path: str | Path, run_dir: str | Path, flip_on: str = "label", s
                 ) -> tuple[Path, int, int]:
     """Import ``path`` into the new directory ``run_dir``; returns (run_dir, rows, records). Nothing is written
     unless every row is good, and an existing ``run_dir`` is refused."""
-    from .records import dumps
     from .run_manifest import fingerprint_id, host_fingerprint
 
     path, run_dir = Path(path), Path(run_dir)
@@ -340,31 +337,9 @@ def import_file(path: str | Path, run_dir: str | Path, flip_on: str = "label", s
         "evidence": {}, "env": {}, "limit": None,
         "plan": {"generations": len(records), "cells": len({r["cell"] for r in records})},
     }
-    parent = run_dir.parent
-    parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{run_dir.name}.importing-", dir=parent))
-    try:
-        os.chmod(tmp, 0o755)  # mkdtemp makes it private; a run directory is as readable as one `run` makes
-        with (tmp / "records.jsonl").open("w", encoding="utf-8") as fh:
-            for rec in records:
-                fh.write(dumps(rec) + "\n")
-            fh.flush()
-            os.fsync(fh.fileno())
-        with (tmp / "manifest.json").open("w", encoding="utf-8") as fh:
-            json.dump(manifest, fh, indent=2, sort_keys=True)
-            fh.write("\n")
-            fh.flush()
-            os.fsync(fh.fileno())
-        if os.path.lexists(run_dir):
-            raise UserError(f"{run_dir} appeared while importing; choose a new directory")
-        os.rename(tmp, run_dir)
-    except OSError as exc:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise RunError(f"could not write {run_dir} ({exc.strerror or exc}); nothing was written - free space or "
-                       f"choose another place and import again") from None
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    from .import_bridge import publish_run
+
+    publish_run(run_dir, records, manifest)
     return run_dir, len(rows), len(records)
 
 
@@ -395,3 +370,4 @@ def import_pair(source: str, solo: str | Path, batch: str | Path, run_dir: str |
     else:
         raise UserError(f"--from {source!r} is not a format evalhost imports; use lm-eval or inspect")
     return bridge(Path(solo), Path(batch), Path(run_dir), flip_on=flip_on, study=study, metric=metric)
+
