@@ -16,15 +16,14 @@ from typing import Any, Callable, Mapping, Sequence
 
 from . import analysis as an
 from . import report_studies, report_study_d
-from .analysis_margins import margins as margins_summary, section as margins_section
+from .analysis_margins import section as margins_section
 from .analysis_screen import section as screen_section
 from .report_imported import section as imported_section
 from .errors import UserError
 from .report_format import (_cell, _nan, compact as _compact, json_safe as _json_safe, num, pct,  # noqa: F401
                             not_comparable_text, pval, rate_ci, table)
 from .report_header import header as _header
-from .report_headline import (breakdown_table, flip_words, headline as _headline, label_pairs_by_scorer,
-                              rate_header)
+from .report_headline import breakdown_table, flip_words, headline as _headline, rate_header
 
 VERDICTS = ("genuine", "artifact", "skip")
 
