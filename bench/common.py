@@ -107,3 +107,45 @@ def emit(result: dict[str, Any], out: str | None = None) -> None:
 
 def same(a, b) -> bool:
     return list(a.token_ids) == list(b.token_ids) and a.text == b.text
+
+
+def write_bench_tasks(root: Path, items) -> Path:
+    """The benchmark's prompts as a jsonl task file (refusal-scored), written once per root."""
+    task = root / "bench_prompts.jsonl"
+    if not task.exists():
+        task.write_text("".join(json.dumps({"id": it.id, "prompt": it.prompt, "domain": it.domain,
+                                            "scorer": "refusal"}) + "\n" for it in items), encoding="utf-8")
+    return task
+
+
+def attached_study(root: Path, name: str, url: str, model_path: str, items, max_tokens: int, dispatchers: str,
+                   seed: int = 42) -> Path:
+    """A study file for a vllm backend attached to ``url`` over the benchmark's prompts; ``dispatchers`` is the
+    TOML of its ``[[dispatchers]]`` tables (empty: solo only)."""
+    task = write_bench_tasks(root, items)
+    study = root / f"{name}.toml"
+    study.write_text(f"""[study]
+name = "{name}"
+seed = {seed}
+output_dir = {json.dumps(str(root / "runs"))}
+
+[sampling]
+temperature = 0.0
+max_tokens = {max_tokens}
+seed = {seed}
+
+[[models]]
+name = "bench"
+path = {json.dumps(model_path)}
+
+[[backends]]
+name = "vllm"
+label = "attached"
+[backends.options]
+url = {json.dumps(url)}
+{dispatchers}
+[[tasks]]
+name = "bench"
+source = {json.dumps("jsonl:" + str(task))}
+""", encoding="utf-8")
+    return study

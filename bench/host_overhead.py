@@ -26,7 +26,6 @@ import argparse
 import asyncio
 import cProfile
 import io
-import json
 import os
 import pstats
 import sys
@@ -34,7 +33,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import add_server_args, bench_items, context, emit, log, machine, median, model_spec, server_options
+from common import (add_server_args, attached_study, bench_items, context, emit, log, machine, median, model_spec,
+                    server_options)
 
 SEED = 42
 
@@ -84,30 +84,7 @@ def plain_synchronized(url: str, model: str, groups: list[list[str]], max_tokens
 
 def write_study(root: Path, url: str, model_path: str, items, batch_size: int, max_tokens: int,
                 metrics: bool = True) -> Path:
-    task = root / "bench_prompts.jsonl"
-    task.write_text("".join(json.dumps({"id": it.id, "prompt": it.prompt, "domain": it.domain, "scorer": "refusal"})
-                            + "\n" for it in items), encoding="utf-8")
-    study = root / "host_overhead.toml"
-    study.write_text(f"""[study]
-name = "host_overhead"
-seed = {SEED}
-output_dir = {json.dumps(str(root / "runs"))}
-
-[sampling]
-temperature = 0.0
-max_tokens = {max_tokens}
-seed = {SEED}
-
-[[models]]
-name = "bench"
-path = {json.dumps(model_path)}
-
-[[backends]]
-name = "vllm"
-label = "attached"
-[backends.options]
-url = {json.dumps(url)}
-
+    dispatchers = f"""
 [[dispatchers]]
 name = "prompt_list"
 batch_sizes = [{batch_size}]
@@ -117,12 +94,8 @@ name = "synchronized"
 batch_sizes = [{batch_size}]
 [dispatchers.options]
 metrics = {"true" if metrics else "false"}
-
-[[tasks]]
-name = "bench"
-source = {json.dumps("jsonl:" + str(task))}
-""", encoding="utf-8")
-    return study
+"""
+    return attached_study(root, "host_overhead", url, model_path, items, max_tokens, dispatchers, SEED)
 
 
 def evalhost_run(study_path: Path) -> tuple[dict, float]:

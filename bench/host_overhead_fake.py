@@ -48,6 +48,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 from fake_engine_server import MODEL_NAME, start_server  # noqa: E402
+from common import attached_study  # noqa: E402
 
 SEED = 42
 
@@ -121,41 +122,12 @@ def idle_ms(spans: list[tuple[float, float]]) -> float:
 # -- evalhost -------------------------------------------------------------------------------------------------
 def write_study(root: Path, name: str, url: str, model_path: str, items, batch_size: int | None,
                 max_tokens: int) -> Path:
-    task = root / "bench_prompts.jsonl"
-    if not task.exists():
-        task.write_text("".join(json.dumps({"id": it.id, "prompt": it.prompt, "domain": it.domain,
-                                            "scorer": "refusal"}) + "\n" for it in items), encoding="utf-8")
     dispatcher = "" if batch_size is None else f"""
 [[dispatchers]]
 name = "synchronized"
 batch_sizes = [{batch_size}]
 """
-    study = root / f"{name}.toml"
-    study.write_text(f"""[study]
-name = "{name}"
-seed = {SEED}
-output_dir = {json.dumps(str(root / "runs"))}
-
-[sampling]
-temperature = 0.0
-max_tokens = {max_tokens}
-seed = {SEED}
-
-[[models]]
-name = "bench"
-path = {json.dumps(model_path)}
-
-[[backends]]
-name = "vllm"
-label = "attached"
-[backends.options]
-url = {json.dumps(url)}
-{dispatcher}
-[[tasks]]
-name = "bench"
-source = {json.dumps("jsonl:" + str(task))}
-""", encoding="utf-8")
-    return study
+    return attached_study(root, name, url, model_path, items, max_tokens, dispatcher, SEED)
 
 
 def evalhost_run(study_path: Path, dispatcher: str, cache_dir: Path) -> dict:
