@@ -4,6 +4,7 @@
   it (no distribution, no entry point): ``evalhost run`` in this process, :func:`run_study_in` and
   :func:`evalhost.registry.get_registry` find its backends, dispatchers, scorers, task sources and report sections.
 * :func:`run_study_in`: run a study (TOML text) in a temporary directory and get its records back.
+* :func:`run_cli`: ``evalhost ARGS`` in this process: its exit code, stdout and stderr.
 * :class:`FakeServer`: a fake OpenAI-compatible server with fault switches (a request that kills the server, HTTP
   500, a hang, malformed answers), for backends that talk to a server; its options are those of
   :mod:`evalhost.testing_server`.
@@ -36,7 +37,7 @@ from typing import Any, Iterable, Iterator
 
 from .errors import UserError
 
-__all__ = ["FakeServer", "StudyRecords", "fake_server_argv", "free_port", "register_module", "run_study_in"]
+__all__ = ["FakeServer", "StudyRecords", "fake_server_argv", "free_port", "register_module", "run_cli", "run_study_in"]
 
 
 # -- registering a module without installing it ------------------------------------------------------------------
@@ -294,3 +295,21 @@ class FakeServer:
     def __exit__(self, *exc: object) -> None:
         self.stop()
 
+
+
+def run_cli(argv: list[str]) -> tuple[int, str, str]:
+    """``evalhost ARGV`` in this process, as a user would run it: ``(exit code, stdout, stderr)``. Bad input shows
+    as code 2 and one ``error:`` line on stderr; an exception that escapes (a traceback for the user) propagates."""
+    import io
+    from contextlib import redirect_stderr, redirect_stdout
+
+    from .cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    code = 0
+    with redirect_stdout(out), redirect_stderr(err):
+        try:
+            main(list(argv))
+        except SystemExit as exc:
+            code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    return code, out.getvalue(), err.getvalue()

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from evalhost.analysis import pair
-from evalhost.cli import main
 from evalhost.records import read_records
+from evalhost.testing import run_cli
 
 inspect_log = pytest.importorskip("inspect_ai.log")
 
@@ -28,14 +28,6 @@ ROWS = [  # evalhost's import format: one label flip, one text change without a 
 ]
 
 
-def cli(args, capsys) -> tuple[int, str, str]:
-    try:
-        main(args)
-        code = 0
-    except SystemExit as exc:
-        code = exc.code
-    out = capsys.readouterr()
-    return code, out.out, out.err
 
 
 @pytest.fixture
@@ -45,7 +37,7 @@ def run_dir(tmp_path, capsys) -> Path:
             "batch_size": 8, "phase": "", "original_direction": "", "solo_text_sha256": "", "batch_text_sha256": ""}
     src.write_text("".join(json.dumps({**base, **r}) + "\n" for r in ROWS), encoding="utf-8")
     run = tmp_path / "run"
-    code, _, err = cli(["import", str(src), "-o", str(run), "--no-report"], capsys)
+    code, _, err = run_cli(["import", str(src), "-o", str(run), "--no-report"])
     assert code == 0, err
     return run
 
@@ -53,7 +45,7 @@ def run_dir(tmp_path, capsys) -> Path:
 @pytest.mark.parametrize("suffix", [".eval", ".json"])
 def test_export_is_read_back_by_inspect_ai_one_sample_per_pair(run_dir, tmp_path, capsys, suffix):
     out = tmp_path / f"run{suffix}"
-    code, stdout, err = cli(["export", "--format", "inspect", str(run_dir), "-o", str(out)], capsys)
+    code, stdout, err = run_cli(["export", "--format", "inspect", str(run_dir), "-o", str(out)])
     assert code == 0, err
     assert "exported 4 solo/batch pairs" in stdout
     log = inspect_log.read_eval_log(str(out))
@@ -94,10 +86,10 @@ def test_export_is_read_back_by_inspect_ai_one_sample_per_pair(run_dir, tmp_path
 def test_an_existing_output_is_refused_unless_force(run_dir, tmp_path, capsys):
     out = tmp_path / "x.eval"
     out.write_bytes(b"keep me")
-    code, _, err = cli(["export", "--format", "inspect", str(run_dir), "-o", str(out)], capsys)
+    code, _, err = run_cli(["export", "--format", "inspect", str(run_dir), "-o", str(out)])
     assert code == 2 and err.count("\n") == 1 and "exists" in err and "--force" in err and "Traceback" not in err
     assert out.read_bytes() == b"keep me"
-    code, _, err = cli(["export", "--format", "inspect", str(run_dir), "-o", str(out), "--force"], capsys)
+    code, _, err = run_cli(["export", "--format", "inspect", str(run_dir), "-o", str(out), "--force"])
     assert code == 0, err
     assert len(inspect_log.read_eval_log(str(out)).samples) == 4
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".x")] == []  # no temp file left
@@ -106,7 +98,7 @@ def test_an_existing_output_is_refused_unless_force(run_dir, tmp_path, capsys):
 def test_without_inspect_ai_the_export_says_so_exit_2(run_dir, tmp_path, capsys, monkeypatch):
     monkeypatch.setitem(sys.modules, "inspect_ai", None)  # import inspect_ai now raises ImportError
     out = tmp_path / "y.eval"
-    code, _, err = cli(["export", "--format", "inspect", str(run_dir), "-o", str(out)], capsys)
+    code, _, err = run_cli(["export", "--format", "inspect", str(run_dir), "-o", str(out)])
     assert code == 2 and err.count("\n") == 1 and "evalhost[inspect]" in err and "Traceback" not in err
     assert not out.exists()
 
@@ -129,7 +121,7 @@ def test_bad_input_is_one_sentence_exit_2_nothing_written(run_dir, tmp_path, cap
         (target / "records.jsonl").write_text("\n".join(lines) + "\n")
     elif case == "no_folder":
         out = tmp_path / "missing" / "z.eval"
-    code, _, err = cli(["export", "--format", "inspect", str(target), "-o", str(out)], capsys)
+    code, _, err = run_cli(["export", "--format", "inspect", str(target), "-o", str(out)])
     assert code == 2, err
     assert err.startswith("error: ") and err.count("\n") == 1 and "Traceback" not in err
     assert not out.exists()

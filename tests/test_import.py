@@ -9,9 +9,10 @@ import json
 from pathlib import Path
 
 import pytest
+
+from evalhost.testing import run_cli
 from click.testing import CliRunner
 
-from evalhost.cli import main
 from evalhost.importer import COLUMNS
 from evalhost.records import read_records
 from evalhost.validate import validate_run
@@ -52,19 +53,11 @@ def write_csv(path: Path, rows, header=None) -> Path:
     return path
 
 
-def cli(args, capsys) -> tuple[int, str, str]:
-    try:
-        main(args)
-        code = 0
-    except SystemExit as exc:
-        code = exc.code
-    out = capsys.readouterr()
-    return code, out.out, out.err
 
 
 def imported(tmp_path, capsys, path: Path, *extra) -> Path:
     run = tmp_path / "runs" / path.stem
-    code, out, err = cli(["import", str(path), "-o", str(run), *extra], capsys)
+    code, out, err = run_cli(["import", str(path), "-o", str(run), *extra])
     assert code == 0, err
     return run
 
@@ -116,7 +109,7 @@ def test_texts_are_kept_and_checked_against_their_hashes(tmp_path, capsys):
     assert solo["output_text"] == "I cannot help."
     assert solo["output_sha256"] == hashlib.sha256(b"I cannot help.").hexdigest()
     bad = [row(solo_text="I cannot help.", solo_text_sha256=SHA_A)]
-    code, _, err = cli(["import", str(write_jsonl(tmp_path / "bad.jsonl", bad)), "-o", str(tmp_path / "x")], capsys)
+    code, _, err = run_cli(["import", str(write_jsonl(tmp_path / "bad.jsonl", bad)), "-o", str(tmp_path / "x")])
     assert code == 2 and "bad.jsonl:1" in err and "does not match solo_text" in err
 
 
@@ -177,7 +170,7 @@ def test_bad_input_names_file_and_line_exits_2_and_writes_nothing(tmp_path, caps
         write_csv(path, content, header=list(COLUMNS) if not content else None)
     out_parent = tmp_path / "runs"
     out_parent.mkdir()
-    code, out, err = cli(["import", str(path), "-o", str(out_parent / "run")], capsys)
+    code, out, err = run_cli(["import", str(path), "-o", str(out_parent / "run")])
     assert code == 2, (out, err)
     assert err.startswith("error: ") and err.count("\n") == 1 and "Traceback" not in err and len(err) < 600
     assert f"in.{kind}{where}" in err and words in err
@@ -195,7 +188,7 @@ def test_a_failure_while_writing_leaves_nothing_behind(tmp_path, capsys, monkeyp
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(os, "rename", broken_rename)
-    code, _, err = cli(["import", str(src), "-o", str(out_parent / "run")], capsys)
+    code, _, err = run_cli(["import", str(src), "-o", str(out_parent / "run")])
     assert code == 1 and "No space left on device" in err and "nothing was written" in err
     assert err.count("\n") == 1 and "Traceback" not in err
     assert list(out_parent.iterdir()) == []
@@ -206,18 +199,18 @@ def test_other_files_and_existing_run_dirs_are_refused(tmp_path, capsys):
     existing = tmp_path / "run"
     existing.mkdir()
     (existing / "keep.txt").write_text("mine")
-    code, _, err = cli(["import", str(src), "-o", str(existing)], capsys)
+    code, _, err = run_cli(["import", str(src), "-o", str(existing)])
     assert code == 2 and "already exists" in err
     assert [p.name for p in existing.iterdir()] == ["keep.txt"]
     txt = tmp_path / "r.txt"
     txt.write_text("x")
-    code, _, err = cli(["import", str(txt), "-o", str(tmp_path / "new")], capsys)
+    code, _, err = run_cli(["import", str(txt), "-o", str(tmp_path / "new")])
     assert code == 2 and "neither .jsonl nor .csv" in err and not (tmp_path / "new").exists()
-    code, _, err = cli(["import", str(tmp_path / "missing.csv"), "-o", str(tmp_path / "new")], capsys)
+    code, _, err = run_cli(["import", str(tmp_path / "missing.csv"), "-o", str(tmp_path / "new")])
     assert code == 2 and "missing.csv" in err
     (tmp_path / "zero.jsonl").write_bytes(b"")
-    code, _, err = cli(["import", str(tmp_path / "zero.jsonl"), "-o", str(tmp_path / "new")], capsys)
+    code, _, err = run_cli(["import", str(tmp_path / "zero.jsonl"), "-o", str(tmp_path / "new")])
     assert code == 2 and "holds no rows" in err and not (tmp_path / "new").exists()
-    code, _, err = cli(["import", str(src), "-o", str(tmp_path / "new"), "--flip-on", "text"], capsys)
+    code, _, err = run_cli(["import", str(src), "-o", str(tmp_path / "new"), "--flip-on", "text"])
     assert code == 2 and not (tmp_path / "new").exists()
 

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from evalhost.testing import run_cli
+
 from evalhost import analysis as an
 from evalhost.cli import main
 from evalhost.records import read_records
@@ -23,14 +25,6 @@ ADDENDUM = ROOT / "docs" / "results" / "addendum-import"
 ADDENDUM_CSV = ADDENDUM / "addendum-study-d.csv"
 
 
-def cli(args, capsys) -> tuple[int, str, str]:
-    try:
-        main(args)
-        code = 0
-    except SystemExit as exc:
-        code = exc.code
-    out = capsys.readouterr()
-    return code, out.out, out.err
 
 
 # -- the Study D addendum, rebuilt from its published tables ------------------------------------------------------
@@ -175,7 +169,7 @@ def test_report_prints_the_addendum_numbers(addendum_run):
 
 
 def test_evalhost_import_prints_the_addendum_numbers(tmp_path, capsys):
-    code, out, err = cli(["import", str(ADDENDUM_CSV), "-o", str(tmp_path / "run"), "--flip-on", "score"], capsys)
+    code, out, err = run_cli(["import", str(ADDENDUM_CSV), "-o", str(tmp_path / "run"), "--flip-on", "score"])
     assert code == 0, err
     assert "imported 110 rows -> 220 records" in out
     check_report_numbers(out)

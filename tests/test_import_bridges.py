@@ -11,10 +11,11 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+
+from evalhost.testing import run_cli
 from scipy.stats import binomtest
 from statsmodels.stats.proportion import proportion_confint
 
-from evalhost.cli import main
 from evalhost.records import read_records
 from evalhost.validate import validate_run
 
@@ -25,14 +26,6 @@ IN_SOLO, IN_BATCH = FIX / "inspect" / "bs1.eval", FIX / "inspect" / "bs8.eval"
 EP_SOLO, EP_BATCH = FIX / "inspect" / "epochs2-bs1.eval", FIX / "inspect" / "epochs2-bs8.eval"  # 8 samples x 2
 
 
-def cli(args, capsys) -> tuple[int, str, str]:
-    try:
-        main(args)
-        code = 0
-    except SystemExit as exc:
-        code = exc.code
-    out = capsys.readouterr()
-    return code, out.out, out.err
 
 
 def expected(solo: pd.DataFrame, batch: pd.DataFrame) -> dict:
@@ -98,7 +91,7 @@ def test_fixtures_are_small_and_came_with_their_commands():
 
 def test_lmeval_pair_is_imported_with_flips_text_changes_wilson_and_mcnemar(tmp_path, capsys):
     run = tmp_path / "lm"
-    code, out, err = cli(["import", "--from", "lm-eval", str(LM_SOLO), str(LM_BATCH), "-o", str(run)], capsys)
+    code, out, err = run_cli(["import", "--from", "lm-eval", str(LM_SOLO), str(LM_BATCH), "-o", str(run)])
     assert code == 0, err
     exp = expected(lmeval_frame(LM_SOLO), lmeval_frame(LM_BATCH))
     manifest = check_run(run, exp, out)
@@ -118,7 +111,7 @@ def test_lmeval_pair_is_imported_with_flips_text_changes_wilson_and_mcnemar(tmp_
 
 def test_inspect_pair_is_imported_with_flips_text_changes_wilson_and_mcnemar(tmp_path, capsys):
     run = tmp_path / "insp"
-    code, out, err = cli(["import", "--from", "inspect", str(IN_SOLO), str(IN_BATCH), "-o", str(run)], capsys)
+    code, out, err = run_cli(["import", "--from", "inspect", str(IN_SOLO), str(IN_BATCH), "-o", str(run)])
     assert code == 0, err
     exp = expected(inspect_frame(IN_SOLO), inspect_frame(IN_BATCH))
     manifest = check_run(run, exp, out)
@@ -131,7 +124,7 @@ def test_inspect_pair_is_imported_with_flips_text_changes_wilson_and_mcnemar(tmp
 
 def test_an_inspect_pair_with_two_epochs_is_paired_by_sample_id_and_epoch(tmp_path, capsys):
     run = tmp_path / "ep"
-    code, out, err = cli(["import", "--from", "inspect", str(EP_SOLO), str(EP_BATCH), "-o", str(run)], capsys)
+    code, out, err = run_cli(["import", "--from", "inspect", str(EP_SOLO), str(EP_BATCH), "-o", str(run)])
     assert code == 0, err
     solo, batch = inspect_frame(EP_SOLO, epochs=True), inspect_frame(EP_BATCH, epochs=True)
     assert len(solo) == len(batch) == 16 and solo.id.nunique() == 16  # 8 sample ids x 2 epochs
@@ -147,9 +140,8 @@ def test_an_inspect_pair_with_two_epochs_is_paired_by_sample_id_and_epoch(tmp_pa
 def test_the_export_of_an_imported_pair_is_read_by_inspect_ai(tmp_path, capsys):
     inspect_log = pytest.importorskip("inspect_ai.log")
     run = tmp_path / "lm"
-    assert cli(["import", "--from", "lm-eval", str(LM_SOLO), str(LM_BATCH), "-o", str(run), "--no-report"],
-               capsys)[0] == 0
-    assert cli(["export", "--format", "inspect", str(run), "-o", str(tmp_path / "lm.eval")], capsys)[0] == 0
+    assert run_cli(["import", "--from", "lm-eval", str(LM_SOLO), str(LM_BATCH), "-o", str(run), "--no-report"])[0] == 0
+    assert run_cli(["export", "--format", "inspect", str(run), "-o", str(tmp_path / "lm.eval")])[0] == 0
     log = inspect_log.read_eval_log(str(tmp_path / "lm.eval"))
     frame = lmeval_frame(LM_SOLO)
     assert len(log.samples) == len(frame)
@@ -167,7 +159,7 @@ def test_the_report_shows_the_paired_accuracy_test_of_an_imported_pair(tmp_path,
                               else (IN_SOLO, IN_BATCH, inspect_frame))
     exp = expected(frame(solo_f), frame(batch_f))
     run = tmp_path / "run"
-    assert cli(["import", "--from", source, str(solo_f), str(batch_f), "-o", str(run)], capsys)[0] == 0
+    assert run_cli(["import", "--from", source, str(solo_f), str(batch_f), "-o", str(run)])[0] == 0
     paired = json.loads((run / "manifest.json").read_text())["imported"]["paired"]
     report = (run / "report.md").read_text()
     assert "## Paired accuracy test (imported pair)" in report
@@ -198,7 +190,7 @@ def test_mismatched_sample_sets_are_counted_not_dropped(tmp_path, capsys):
     solo = _drop(LM_SOLO, tmp_path / "s" / LM_SOLO.name, {5})
     batch = _drop(LM_BATCH, tmp_path / "b" / LM_BATCH.name, {0, 1})
     run = tmp_path / "run"
-    code, out, err = cli(["import", "--from", "lm-eval", str(solo), str(batch), "-o", str(run)], capsys)
+    code, out, err = run_cli(["import", "--from", "lm-eval", str(solo), str(batch), "-o", str(run)])
     assert code == 0, err
     n = len(lmeval_frame(LM_SOLO))
     manifest = json.loads((run / "manifest.json").read_text())
@@ -218,7 +210,7 @@ def test_mismatched_sample_sets_are_counted_not_dropped(tmp_path, capsys):
     assert f"2 samples only in {solo.name}" in out and f"1 samples only in {batch.name}" in out
     assert validate_run(run)["errors"] == []
     inspect_log = pytest.importorskip("inspect_ai.log")  # the export keeps the pairs that are not comparable
-    assert cli(["export", "--format", "inspect", str(run), "-o", str(tmp_path / "m.eval")], capsys)[0] == 0
+    assert run_cli(["export", "--format", "inspect", str(run), "-o", str(tmp_path / "m.eval")])[0] == 0
     samples = inspect_log.read_eval_log(str(tmp_path / "m.eval")).samples
     assert len(samples) == n
     gone = sorted(s.metadata["item_id"] for s in samples if not s.metadata["comparable"])
@@ -252,7 +244,7 @@ def test_a_changed_prompt_is_a_prompt_mismatch_not_a_flip(tmp_path, capsys):
     batch.parent.mkdir()
     batch.write_text("".join(json.dumps(x) + "\n" for x in lines))
     run = tmp_path / "run"
-    assert cli(["import", "--from", "lm-eval", str(LM_SOLO), str(batch), "-o", str(run)], capsys)[0] == 0
+    assert run_cli(["import", "--from", "lm-eval", str(LM_SOLO), str(batch), "-o", str(run)])[0] == 0
     summary = json.loads((run / "summary.json").read_text())
     assert summary["overall"]["not_comparable"]["prompt_mismatch"] == 1
 
@@ -308,7 +300,7 @@ def _bad(tmp_path: Path, case: str) -> list[str]:
 def test_bad_input_is_one_sentence_exit_2_nothing_written(tmp_path, capsys, case):
     out = tmp_path / "runs" / "r"
     out.parent.mkdir()
-    code, _, err = cli(["import", *_bad(tmp_path, case), "-o", str(out)], capsys)
+    code, _, err = run_cli(["import", *_bad(tmp_path, case), "-o", str(out)])
     assert code == 2, err
     assert err.startswith("error: ") and err.count("\n") == 1 and "Traceback" not in err
     assert list(out.parent.iterdir()) == []  # no run directory, no temporary directory left
@@ -318,7 +310,7 @@ def test_an_existing_run_dir_is_refused(tmp_path, capsys):
     run = tmp_path / "run"
     run.mkdir()
     (run / "keep").write_text("mine")
-    code, _, err = cli(["import", "--from", "inspect", str(IN_SOLO), str(IN_BATCH), "-o", str(run)], capsys)
+    code, _, err = run_cli(["import", "--from", "inspect", str(IN_SOLO), str(IN_BATCH), "-o", str(run)])
     assert code == 2 and "already exists" in err
     assert [p.name for p in run.iterdir()] == ["keep"]
 
@@ -328,7 +320,7 @@ def test_an_inspect_json_log_pairs_with_an_eval_log(tmp_path, capsys):
     as_json = tmp_path / "bs8.json"  # the same log in inspect's JSON format, written by inspect_ai itself
     inspect_log.write_eval_log(inspect_log.read_eval_log(str(IN_BATCH)), str(as_json), format="json")
     run = tmp_path / "run"
-    code, out, err = cli(["import", "--from", "inspect", str(IN_SOLO), str(as_json), "-o", str(run)], capsys)
+    code, out, err = run_cli(["import", "--from", "inspect", str(IN_SOLO), str(as_json), "-o", str(run)])
     assert code == 0, err
     exp = expected(inspect_frame(IN_SOLO), inspect_frame(IN_BATCH))
     check_run(run, exp, out)
@@ -339,8 +331,7 @@ def test_without_inspect_ai_the_inspect_import_says_so_exit_2(tmp_path, capsys, 
 
     monkeypatch.setitem(sys.modules, "inspect_ai", None)  # import inspect_ai now raises ImportError
     run = tmp_path / "run"
-    code, _, err = cli(["import", "--from", "inspect", str(IN_SOLO), str(IN_BATCH), "-o", str(run)], capsys)
+    code, _, err = run_cli(["import", "--from", "inspect", str(IN_SOLO), str(IN_BATCH), "-o", str(run)])
     assert code == 2 and err.count("\n") == 1 and "evalhost[inspect]" in err and not run.exists()
     # lm-eval files need no inspect_ai
-    assert cli(["import", "--from", "lm-eval", str(LM_SOLO), str(LM_BATCH), "-o", str(run), "--no-report"],
-               capsys)[0] == 0
+    assert run_cli(["import", "--from", "lm-eval", str(LM_SOLO), str(LM_BATCH), "-o", str(run), "--no-report"])[0] == 0

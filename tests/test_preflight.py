@@ -7,24 +7,16 @@ import sys
 
 import pytest
 
-from evalhost.cli import main
 from evalhost.preflight_plan import LADDER, PreflightPlan, Timing, estimate, shape_for, size_plan, study_text
 from evalhost.preflight_stack import (UNKNOWN, empty_stack, match_known_bad, metric_labels, parse_metrics,
                                       parse_server_args, parse_sglang_server_info, parse_vllm_server_info)
 from evalhost.preflight_verdict import exit_code, verdicts
+from evalhost.testing import run_cli
 from evalhost.types import sha256_text
 
 Z2 = 1.959963984540054 ** 2
 
 
-def cli(args, capsys) -> tuple[int, str, str]:
-    try:
-        main(args)
-        code = 0
-    except SystemExit as exc:
-        code = exc.code
-    out = capsys.readouterr()
-    return code, out.out, out.err
 
 
 # ---------------------------------------------------------------------------------------------- verdicts
@@ -239,7 +231,7 @@ def _one_sentence(err: str) -> str:
 
 
 def test_unreachable_url_is_one_sentence_exit_2(tmp_path, capsys):
-    code, _, err = cli(["preflight", "--url", "http://127.0.0.1:9", "--output-dir", str(tmp_path / "runs")], capsys)
+    code, _, err = run_cli(["preflight", "--url", "http://127.0.0.1:9", "--output-dir", str(tmp_path / "runs")])
     assert code == 2
     assert "no server answers at http://127.0.0.1:9" in _one_sentence(err)
     assert not (tmp_path / "runs").exists()
@@ -251,7 +243,7 @@ def test_unreachable_url_is_one_sentence_exit_2(tmp_path, capsys):
     (["--max-tokens", "0"], "--max-tokens must be between 1 and 4096"),
 ])
 def test_bad_numbers(tmp_path, capsys, args, needle):
-    code, _, err = cli(["preflight", "--url", "http://127.0.0.1:9", *args], capsys)
+    code, _, err = run_cli(["preflight", "--url", "http://127.0.0.1:9", *args])
     assert code == 2 and needle in _one_sentence(err)
 
 
@@ -278,11 +270,11 @@ def test_context_too_short_for_the_probes():
 
 
 def test_url_and_config_together_or_neither(tmp_path, capsys):
-    code, _, err = cli(["preflight"], capsys)
+    code, _, err = run_cli(["preflight"])
     assert code == 2 and "either --url" in _one_sentence(err)
     cfg = tmp_path / "c.toml"
     cfg.write_text("")
-    code, _, err = cli(["preflight", "--url", "http://127.0.0.1:9", "--config", str(cfg)], capsys)
+    code, _, err = run_cli(["preflight", "--url", "http://127.0.0.1:9", "--config", str(cfg)])
     assert code == 2 and "either --url" in _one_sentence(err)
 
 
@@ -308,7 +300,7 @@ def test_wrong_config_file(tmp_path, capsys, body, needle):
     cfg = tmp_path / "pf.toml"
     if body is not None:
         cfg.write_text(body)
-    code, _, err = cli(["preflight", "--config", str(cfg), "--output-dir", str(tmp_path / "runs")], capsys)
+    code, _, err = run_cli(["preflight", "--config", str(cfg), "--output-dir", str(tmp_path / "runs")])
     assert code == 2, err
     assert needle in _one_sentence(err)
     assert not (tmp_path / "runs").exists()
@@ -451,7 +443,7 @@ def test_config_port_in_use_is_one_sentence_and_starts_nothing(tmp_path, capsys)
         held.listen()
         port = held.getsockname()[1]
         since = time.time()
-        code, _, err = cli(["preflight", "--config", str(managed_config(tmp_path, port=port)), "--quiet"], capsys)
+        code, _, err = run_cli(["preflight", "--config", str(managed_config(tmp_path, port=port)), "--quiet"])
     assert code == 2
     assert f"port {port} on 127.0.0.1 is already in use" in _one_sentence(err)
     assert not (tmp_path / "runs").exists()
@@ -514,7 +506,7 @@ def test_config_server_that_cannot_start_is_one_sentence_and_leaves_nothing(tmp_
 
     since = time.time()
     cfg = managed_config(tmp_path, name="pf-bad", extra_args=["--enforce-eager", "--no-such-flag"])
-    code, out, err = cli(["preflight", "--config", str(cfg), "--quiet"], capsys)
+    code, out, err = run_cli(["preflight", "--config", str(cfg), "--quiet"])
     assert code == 2, out + err
     line = _one_sentence(err)
     assert line.startswith("error: the vllm server exited with code 2 while starting: api_server.py: error: "
@@ -551,7 +543,7 @@ def test_preflight_config_starts_a_real_vllm_server(tmp_path, capsys):
 
     since = time.time()
     cfg = managed_config(tmp_path)
-    code, out, err = cli(["preflight", "--config", str(cfg), "--minutes", "1", "--quiet"], capsys)
+    code, out, err = run_cli(["preflight", "--config", str(cfg), "--minutes", "1", "--quiet"])
     took = time.time() - since
     print(out)
     print(f"preflight --config took {took:.0f} s")

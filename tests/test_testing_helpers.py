@@ -88,3 +88,12 @@ def test_run_study_in_registers_every_plugin_it_is_given(tmp_path, fresh_registr
     assert len(records) == 8 and {r["condition"] for r in records} == {"solo", "batch"}
     assert {r["label"] for r in records} == {"helper_a"}  # the second module's scorer labelled every output
     assert records.manifest["status"] == "complete"
+
+
+def test_run_cli_gives_the_exit_code_and_both_streams(tmp_path):
+    from evalhost import __version__
+    from evalhost.testing import run_cli
+
+    assert run_cli(["--version"]) == (0, f"evalhost, version {__version__}\n", "")
+    code, out, err = run_cli(["run", str(tmp_path / "missing.toml"), "--dry-run"])
+    assert code == 2 and out == "" and err.startswith("error: ") and err.count("\n") == 1
