@@ -44,6 +44,7 @@ from typing import Any, Callable
 from .errors import PluginError, RunError, UserError, user_path
 from .hookspecs import hookimpl
 from .models import check_model_path
+from .rundir import MANIFEST, RunDir
 from .options import check_choice, check_keys, check_type, closest, did_you_mean
 from .types import (CONCURRENT, CONTINUOUS, DOMAINS, PROMPT_LIST, Backend, Dispatcher, Generation, Group,
                     GroupResult, Member, ModelSpec, RunContext, Sampling, Score, Scorer, TaskItem, TaskSource,
@@ -62,6 +63,8 @@ __all__ = [
     "load_items",
     # models: what a study's model path will resolve to, checked without side effects (Backend.check_model)
     "check_model_path",
+    # a run directory's files (read them through RunDir: size-limited, no links followed)
+    "RunDir", "MANIFEST",
     # executors
     "Executor", "execute_work", "BackendStarted", "GroupDone", "ItemLoader", "worker_context", "plugin_class",
     "fleet_evidence",

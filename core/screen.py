@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any, Callable, Mapping
 
 from .errors import RunError, UserError
+from .rundir import MANIFEST, RunDir
 
 MIN_TOP = 2  # a margin needs the top two
 _PATH_SCHEMES = ("jsonl", "csv", "candidates", "hf-disk")
@@ -213,7 +214,6 @@ def _cache_hits(run_dir: Path) -> tuple[int, int]:
 
 def mark_manifest(run_dir: Path, info: Mapping[str, Any]) -> None:
     """Add ``screen`` to the run's manifest under the run directory's lock (a resume keeps it)."""
-    from .rundir import MANIFEST, RunDir
 
     rd = RunDir(run_dir)
     with rd.lock(purpose="screen"):
@@ -308,7 +308,7 @@ def run_screened(study_path: Path, k: Any, *, resume: Any = None, dry_run: bool 
                            progress=progress, report=False, out=echo)
     finally:
         where = run_dir or (Path(seen[0]) if seen else None)
-        if where is not None and (where / "manifest.json").exists():
+        if where is not None and RunDir(where).exists(MANIFEST):
             hits, solos = _cache_hits(where)
             info["solo_cache"] = f"{hits} of {solos} solo generations served from the solo cache"
             mark_manifest(where, info)

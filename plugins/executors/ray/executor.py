@@ -3,11 +3,10 @@ work, relay their events, stop them, and the facts the manifest records."""
 from __future__ import annotations
 
 import contextlib
-import json
 from pathlib import Path
 from typing import Any
 
-from evalhost.api import Executor, UserError
+from evalhost.api import MANIFEST, Executor, RunDir, UserError
 
 from .actor import actor_class, actor_name
 from .connect import NAMESPACE, connect, import_ray
@@ -109,7 +108,7 @@ class RayExecutor(Executor):
     def _study_file(context) -> str | None:
         """The study file's path (relative task paths resolve against it), from the run's manifest."""
         try:
-            manifest = json.loads((Path(context.run_dir) / "manifest.json").read_text())
-        except (OSError, ValueError):
+            manifest = RunDir(Path(context.run_dir)).read_json(MANIFEST, default={})
+        except (OSError, UserError):
             return None
         return manifest.get("study_file")
