@@ -13,14 +13,13 @@ from __future__ import annotations
 
 import copy
 import hashlib
-import io
 import json
 import math
 import os
 import signal
 import sys
 import traceback
-from contextlib import contextmanager, redirect_stderr, redirect_stdout
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -28,7 +27,7 @@ from hypothesis import HealthCheck, event, given, reject, settings
 from hypothesis import strategies as st
 
 from evalhost import registry as reg_mod
-from evalhost.cli import main
+from evalhost.testing import run_cli as cli_in_process
 from fuzz_expect import Unclassified, items_scorer_problem, study_problem, task_file_problem
 from toy import make_distribution, study_text, write_tasks
 
@@ -57,23 +56,14 @@ def _time_limit(seconds: float):
 
 
 def run_cli(argv: list[str]) -> tuple[int, str, str]:
-    """``evalhost ARGV`` in process: (exit code, stdout, stderr). Any exception that escapes ``main`` (what a user
-    would see as a traceback) fails the test with that traceback."""
-    out, err = io.StringIO(), io.StringIO()
-    escaped = None
-    code = 0
-    with redirect_stdout(out), redirect_stderr(err):
-        try:
-            with _time_limit(CALL_LIMIT_S):
-                main(argv)
-        except SystemExit as exc:
-            code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
-        except BaseException:  # noqa: BLE001 - a traceback (or a hang) is exactly what we look for
-            escaped = traceback.format_exc()
-    if escaped is not None:
-        pytest.fail(f"`evalhost {' '.join(argv)}` raised instead of exiting with a message:\n{escaped}",
-                    pytrace=False)
-    return code, out.getvalue(), err.getvalue()
+    """``evalhost ARGV`` in process (:func:`evalhost.testing.run_cli`), within ``CALL_LIMIT_S``: (exit code, stdout,
+    stderr). Any exception that escapes ``main`` (what a user would see as a traceback) fails the test with it."""
+    try:
+        with _time_limit(CALL_LIMIT_S):
+            return cli_in_process(argv)
+    except BaseException:  # noqa: BLE001 - a traceback (or a hang) is exactly what we look for
+        escaped = traceback.format_exc()
+    pytest.fail(f"`evalhost {' '.join(argv)}` raised instead of exiting with a message:\n{escaped}", pytrace=False)
 
 
 def _event(label: str) -> None:
